@@ -1,0 +1,1 @@
+"""Bayesian structured pruning of neural networks with Pyro."""

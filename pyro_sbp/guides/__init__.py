@@ -1,0 +1,1 @@
+"""Variational guides for gated networks."""

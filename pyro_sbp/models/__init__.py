@@ -1,0 +1,1 @@
+"""Pyro models with gates on the units of a network."""

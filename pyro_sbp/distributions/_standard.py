@@ -28,12 +28,16 @@ in a known way):
 Throughout, :math:`s` is the point of :math:`[\alpha, \beta]` closest to zero and
 :math:`\hat Z = Z e^{s^2/2}` the *scaled* mass, so that :math:`\log Z = \log \hat Z - s^2/2`.
 
-Branches are evaluated only on the elements that take them (:func:`_piecewise`), which keeps the
-work proportional to the input and keeps the values (and gradients) of a branch from ever being
-computed outside its domain.
+The cheap straddle formulas run on every element (on inputs clamped into their domain, so that
+they stay finite); the tail and nearly-flat formulas run only on the elements that take them and
+overwrite those (:func:`_overlay`). No ``nan`` or ``inf`` of an unused branch can reach the
+values or the gradients, and the work stays proportional to the input. Every elementwise
+operation is kept out of the slow paths of the math library (``exp`` and ``erfc`` of arguments
+whose results would be subnormal), which cost twenty to fifty times a normal call.
 """
 
 import math
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -64,9 +68,10 @@ _GAP_COEFFS = (
 
 
 def _series_threshold(dtype: torch.dtype) -> float:
-    # Above this point the asymptotic series of d is accurate to machine precision, while below
-    # it the direct formula phi/Phi(-x) - x loses only about log10(x^2) digits.
-    return 20.0 if dtype == torch.float64 else 8.0
+    # Below this point the direct formula phi/Phi(-x) - x loses about log10(x^2) digits (at most
+    # 6 of 16 in float64, 3 of 7 in float32); above it the first four terms of the asymptotic
+    # series are accurate to machine precision.
+    return 1e3 if dtype == torch.float64 else 30.0
 
 
 def _newton_steps(dtype: torch.dtype) -> int:
@@ -78,9 +83,10 @@ def _ndtr_tail_threshold(dtype: torch.dtype) -> float:
     return 10.0
 
 
-def _gap_series(y2: Tensor, start: int) -> Tensor:
-    acc = torch.zeros_like(y2)
-    for c in reversed(_GAP_COEFFS[start:]):
+def _gap_series(y2: Tensor, start: int, terms: int) -> Tensor:
+    coeffs = _GAP_COEFFS[start : start + terms]
+    acc = torch.full_like(y2, coeffs[-1])
+    for c in reversed(coeffs[:-1]):
         acc = acc * y2 + c
     return acc
 
@@ -89,69 +95,96 @@ def mills_gap(x: Tensor) -> Tensor:
     r"""The gap :math:`d(x) = \phi(x)/\Phi(-x) - x > 0` for :math:`x \ge 0`."""
     threshold = _series_threshold(x.dtype)
     direct = _SQRT_2_OVER_PI / torch.special.erfcx(x * _SQRT1_2) - x
-    y = x.clamp(min=threshold).reciprocal()
-    series = y * _gap_series(y * y, 0)
+    # torch.where, not clamp, so that x == threshold keeps its gradient.
+    y = torch.where(x < threshold, threshold, x).reciprocal()
+    series = y * _gap_series(y * y, 0, 4)
     return torch.where(x < threshold, direct, series)
 
 
 def mills_gap_complement(x: Tensor, d: Tensor) -> Tensor:
     r""":math:`u(x) = 1 - x\,d(x) \in (0, 1]` for :math:`x \ge 0`, given :math:`d = d(x)`."""
-    threshold = _series_threshold(x.dtype)
+    # 1 - x d(x) ~ 2 / x^2 cancels x^2-fold on top of the error of d: the series takes over
+    # early, with all its terms.
+    threshold = 20.0 if x.dtype == torch.float64 else 8.0
     direct = 1.0 - x * d
-    y = x.clamp(min=threshold).reciprocal()
+    y = torch.where(x < threshold, threshold, x).reciprocal()
     y2 = y * y
-    series = -y2 * _gap_series(y2, 1)
+    series = -y2 * _gap_series(y2, 1, len(_GAP_COEFFS) - 1)
     return torch.where(x < threshold, direct, series)
 
 
-def _piecewise(mask: Tensor, fn_true, fn_false, *args: Tensor) -> tuple[Tensor, ...]:
-    """Evaluate ``fn_true`` on the elements where ``mask`` holds and ``fn_false`` elsewhere.
+def _overlay(mask: Tensor, fn_rare, fn_common, *args: Tensor) -> tuple[Tensor, ...]:
+    """``fn_common`` on every element, overwritten by ``fn_rare`` where ``mask`` holds.
 
-    All ``args`` share the shape of ``mask``. Each function sees only its own elements (as flat
-    tensors) and returns a tuple of flat tensors; the results are scattered back. Neither
-    function is evaluated outside its domain, so no ``nan`` or ``inf`` of an unused branch can
-    reach the values or the gradients.
+    All ``args`` share the shape of ``mask``; each function takes and returns flat tensors.
+    ``fn_common`` must stay finite on every input (its values are discarded where ``mask``
+    holds, and so are their gradients); ``fn_rare`` sees only its own elements.
     """
     shape = mask.shape
     flat_mask = mask.reshape(-1)
     flat_args = [a.reshape(-1) for a in args]
     if bool(flat_mask.all()):
-        return tuple(r.reshape(shape) for r in fn_true(*flat_args))
+        return tuple(r.reshape(shape) for r in fn_rare(*flat_args))
+    common = fn_common(*flat_args)
     if not bool(flat_mask.any()):
-        return tuple(r.reshape(shape) for r in fn_false(*flat_args))
-    idx_true = flat_mask.nonzero().squeeze(-1)
-    idx_false = (~flat_mask).nonzero().squeeze(-1)
-    res_true = fn_true(*(a.index_select(0, idx_true) for a in flat_args))
-    res_false = fn_false(*(a.index_select(0, idx_false) for a in flat_args))
-    out = []
-    for rt, rf in zip(res_true, res_false, strict=True):
-        full = rt.new_empty(flat_mask.shape)
-        full = full.index_put((idx_true,), rt).index_put((idx_false,), rf)
-        out.append(full.reshape(shape))
-    return tuple(out)
+        return tuple(r.reshape(shape) for r in common)
+    idx = flat_mask.nonzero().squeeze(-1)
+    rare = fn_rare(*(a.index_select(0, idx) for a in flat_args))
+    return tuple(c.index_put((idx,), r).reshape(shape) for c, r in zip(common, rare, strict=True))
+
+
+def _nonpositive(x: Tensor) -> Tensor:
+    # min(x, 0) that keeps the gradient at x == 0 (clamp and minimum would drop or halve it,
+    # and x == 0 is hit exactly whenever a bound sits at tau * scale from loc).
+    return torch.where(x > 0, 0.0, x)
+
+
+def _exp_floor(dtype: torch.dtype) -> float:
+    # exp of anything below this is subnormal or zero (and slow); the floor's own exp is
+    # negligible wherever it is used (added to or divided by quantities of order one).
+    return -80.0 if dtype == torch.float32 else -700.0
+
+
+def _erfc_cap(dtype: torch.dtype) -> float:
+    # erfc beyond this underflows (slowly) to subnormals; erfc(cap) is ~1e-37 (float32),
+    # ~1e-296 (float64).
+    return 9.0 if dtype == torch.float32 else 26.0
+
+
+def _normal_pdf(x: Tensor) -> Tensor:
+    return torch.exp((-0.5 * x * x).clamp(min=_exp_floor(x.dtype))) * _INV_SQRT_2PI
+
+
+def _normal_cdf_neg(x: Tensor) -> Tensor:
+    """Phi(-x) for x >= -cap, by erfc (fast and accurate in the upper tail)."""
+    return 0.5 * torch.erfc((x * _SQRT1_2).clamp(max=_erfc_cap(x.dtype)))
 
 
 class Canonical(NamedTuple):
-    """Bounds mirrored so that ``beta >= 0``; ``flip`` marks the mirrored elements."""
+    """Bounds mirrored so that the midpoint is >= 0; ``sign`` is -1 on the mirrored elements."""
 
     alpha: Tensor
     beta: Tensor
     width: Tensor
-    flip: Tensor
+    sign: Tensor
     tail: Tensor
 
 
 def canonical(alpha: Tensor, beta: Tensor, width: Tensor | None = None) -> Canonical:
-    flip = beta < 0
+    # Mirroring when alpha + beta < 0 leaves the canonical interval a tail iff alpha > 0.
+    # One mask for all three: at a symmetric interval (alpha = -beta) a branch-free form such as
+    # max(alpha, -beta) would split the gradient between the two mirror images inconsistently.
+    flip = (alpha + beta) < 0
     al = torch.where(flip, -beta, alpha)
     be = torch.where(flip, -alpha, beta)
     width = (beta - alpha) if width is None else width.expand_as(al)
-    return Canonical(al, be, width, flip, al > 0)
+    sign = 1.0 - 2.0 * flip.to(al.dtype)
+    return Canonical(al, be, width, sign, al > 0)
 
 
 def nearest_to_zero(alpha: Tensor, beta: Tensor) -> Tensor:
     """The point ``s`` of ``[alpha, beta]`` closest to zero (signed, unmirrored)."""
-    return torch.maximum(torch.minimum(torch.zeros_like(alpha), beta), alpha)
+    return alpha.clamp(min=0.0) + beta.clamp(max=0.0)
 
 
 # --- the two branches, on canonical bounds -------------------------------------------------------
@@ -170,30 +203,10 @@ def _tail_log_zhat(
 
 
 def _straddle_z(al: Tensor, be: Tensor) -> Tensor:
-    return 0.5 * (torch.erf(be * _SQRT1_2) - torch.erf(al * _SQRT1_2))
-
-
-def _tail_all(al: Tensor, be: Tensor, width: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    log_zhat, d, ea, q_eb, _ = _tail_log_zhat(al, be, width)
-    da = mills_gap(al)
-    db = mills_gap(be)
-    # Entropy term T - alpha^2 with T = (alpha phi(alpha) - beta phi(beta)) / Z.
-    ent = (al * ea * da - q_eb * (be * db + width * (be + al))) / d
-    # Standardised mean minus alpha.
-    mean = (ea * da - q_eb * (db + width)) / d
-    ua = mills_gap_complement(al, da)
-    var = (ea * ua - q_eb * (1.0 + (be - 2.0 * al) * db + width * width)) / d - mean * mean
-    return log_zhat, ent, mean, var.clamp(min=0.0)
-
-
-def _straddle_all(al: Tensor, be: Tensor, width: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    z = _straddle_z(al, be)
-    pa = torch.exp(-0.5 * al * al) * _INV_SQRT_2PI
-    pb = torch.exp(-0.5 * be * be) * _INV_SQRT_2PI
-    ent = (al * pa - be * pb) / z
-    mean = (pa - pb) / z
-    var = 1.0 + ent - mean * mean
-    return torch.log(z), ent, mean, var.clamp(min=0.0)
+    # On canonical bounds al <= 0 <= be the two erf terms have opposite signs: no cancellation.
+    # (On tail elements, where this branch's values are discarded, al is clamped to 0 so that
+    # z stays positive.)
+    return 0.5 * (torch.erf(be * _SQRT1_2) - torch.erf(_nonpositive(al) * _SQRT1_2))
 
 
 def _tail_lz(al: Tensor, be: Tensor, width: Tensor) -> tuple[Tensor]:
@@ -211,7 +224,7 @@ def log_zhat(alpha: Tensor, beta: Tensor, width: Tensor | None = None) -> tuple[
     difference (for shifted bounds far from zero).
     """
     c = canonical(alpha, beta, width)
-    (lz,) = _piecewise(c.tail, _tail_lz, _straddle_lz, c.alpha, c.beta, c.width)
+    (lz,) = _overlay(c.tail, _tail_lz, _straddle_lz, c.alpha, c.beta, c.width)
     return nearest_to_zero(alpha, beta), lz
 
 
@@ -221,36 +234,55 @@ def log_z(alpha: Tensor, beta: Tensor, width: Tensor | None = None) -> Tensor:
     return lz - 0.5 * s * s
 
 
-class Moments(NamedTuple):
-    r"""Standardised statistics of the truncated standard normal.
-
-    ``s`` and ``log_zhat`` as in :func:`log_zhat`; ``entropy`` is the differential entropy of the
-    standardised variable; ``mean_offset`` is its mean minus ``s`` (the mean of the unstandardised
-    variable is ``clamp(loc, low, high) + scale * mean_offset``); ``variance`` its variance.
-    """
-
-    s: Tensor
-    log_zhat: Tensor
-    entropy: Tensor
-    mean_offset: Tensor
-    variance: Tensor
-
-
-def moments(alpha: Tensor, beta: Tensor, width: Tensor | None = None) -> Moments:
-    c = canonical(alpha, beta, width)
-    lz, ent, mean, var = _piecewise(c.tail, _tail_all, _straddle_all, c.alpha, c.beta, c.width)
-    # In the tail branch ``mean`` is measured from s = alpha; in the straddle branch s = 0.
-    mean = torch.where(c.flip, -mean, mean)
-    entropy = _HALF_LOG_2PI_E + lz + 0.5 * ent
-    return Moments(nearest_to_zero(alpha, beta), lz, entropy, mean, var)
+def _tail_all(
+    al: Tensor, be: Tensor, width: Tensor, *, need_var: bool = True
+) -> tuple[Tensor, ...]:
+    log_zhat, d, ea, q_eb, _ = _tail_log_zhat(al, be, width)
+    da = mills_gap(al)
+    db = mills_gap(be)
+    # T - alpha^2 with T = (alpha phi(alpha) - beta phi(beta)) / Z: the alpha^2 / 2 hidden in
+    # log Z cancels against T / 2 in the entropy.
+    ent = (al * ea * da - q_eb * (be * db + width * (be + al))) / d
+    entropy = _HALF_LOG_2PI_E + log_zhat + 0.5 * ent
+    # Standardised mean minus alpha.
+    mean = (ea * da - q_eb * (db + width)) / d
+    if not need_var:
+        return log_zhat, entropy, mean
+    ua = mills_gap_complement(al, da)
+    var = (ea * ua - q_eb * (1.0 + (be - 2.0 * al) * db + width * width)) / d - mean * mean
+    return log_zhat, entropy, mean, var.clamp(min=0.0)
 
 
-# --- KL to the uniform on the same interval -----------------------------------------------------
+def _straddle_all(
+    al: Tensor, be: Tensor, width: Tensor, *, need_var: bool = True
+) -> tuple[Tensor, ...]:
+    al = _nonpositive(al)
+    z = _straddle_z(al, be)
+    pa = _normal_pdf(al)
+    pb = _normal_pdf(be)
+    ent = (al * pa - be * pb) / z
+    log_zhat = torch.log(z)
+    entropy = _HALF_LOG_2PI_E + log_zhat + 0.5 * ent
+    mean = (pa - pb) / z
+    if not need_var:
+        return log_zhat, entropy, mean
+    var = 1.0 + ent - mean * mean
+    return log_zhat, entropy, mean, var.clamp(min=0.0)
+
+
+# --- the nearly flat case -----------------------------------------------------------------------
 
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(8)
-# Below this spread of -y^2/2 over the interval the density is so close to uniform that
-# log(beta - alpha) - H cancels; above it the KL is at least ~1e-4 and the direct form is exact.
+# Below this spread of -y^2/2 over the interval the density is within 5% of uniform: the closed
+# forms above then subtract nearly equal terms (the variance, and log(beta - alpha) - H in the
+# KL), while 8-point Gauss-Legendre is exact to rounding for the nearly constant integrand.
+# Above it the KL is at least ~1e-4 and the closed forms are accurate.
 _NEAR_UNIFORM = 0.05
+
+
+def _is_flat(alpha: Tensor, beta: Tensor, width: Tensor) -> Tensor:
+    h = 0.5 * width
+    return (0.5 * (alpha + beta).abs() * h + 0.5 * h * h) < _NEAR_UNIFORM
 
 
 def _psi(x: Tensor) -> Tensor:
@@ -260,18 +292,91 @@ def _psi(x: Tensor) -> Tensor:
     return torch.where(x.abs() < 0.1, series, direct)
 
 
-def _kl_uniform_near(al: Tensor, be: Tensor, width: Tensor) -> tuple[Tensor]:
-    # With y = m + h v and g(v) = -(m h v + h^2 v^2 / 2) (the log density up to a constant),
-    # KL(p || U) = E_U[g e^g] / E_U[e^g] - log E_U[e^g] = E_U[psi(g - L)], L = log E_U[e^g],
-    # psi(x) = x e^x - e^x + 1 >= 0: a sum of non-negative terms, by 8-point Gauss-Legendre
-    # (exact to rounding for the nearly constant integrand of this branch).
-    m = (0.5 * (al + be)).unsqueeze(-1)
-    h = (0.5 * width).unsqueeze(-1)
+def _flat_quadrature(al: Tensor, width: Tensor):
+    # y = m + h v on v in [-1, 1]; the log density is -m^2/2 + g(v), g = -(m h v + h^2 v^2 / 2).
+    h = 0.5 * width
+    m = al + h
     v = torch.as_tensor(_GL_NODES, dtype=al.dtype, device=al.device)
     wts = torch.as_tensor(_GL_WEIGHTS / 2.0, dtype=al.dtype, device=al.device)
-    g = -(m * h) * v - (0.5 * h * h) * v * v
+    g = -(m * h).unsqueeze(-1) * v - (0.5 * h * h).unsqueeze(-1) * v * v
     big_l = torch.log1p((torch.expm1(g) * wts).sum(-1, keepdim=True))
+    return m, h, v, wts, g, big_l
+
+
+def _flat_kl(al: Tensor, be: Tensor, width: Tensor) -> tuple[Tensor]:
+    # KL(p || U) = E_U[g e^g] / E_U[e^g] - log E_U[e^g] = E_U[psi(g - L)], L = log E_U[e^g]:
+    # a sum of non-negative terms, with no cancellation however close p is to uniform.
+    _, _, _, wts, g, big_l = _flat_quadrature(al, width)
     return ((_psi(g - big_l) * wts).sum(-1),)
+
+
+def _flat_all(
+    al: Tensor, be: Tensor, width: Tensor, *, need_var: bool = True
+) -> tuple[Tensor, ...]:
+    m, h, v, wts, g, big_l = _flat_quadrature(al, width)
+    p = torch.exp(g - big_l) * wts
+    ev = (p * v).sum(-1)
+    kl = (_psi(g - big_l) * wts).sum(-1)
+    # Canonical s is alpha in the tail (alpha > 0), else 0: m - s is then h or m.
+    tail = al > 0
+    m_minus_s = torch.where(tail, h, m)
+    m_plus_s = torch.where(tail, m + al, m)
+    log_zhat = torch.log(width) - _LOG_SQRT_2PI + big_l.squeeze(-1) - 0.5 * m_minus_s * m_plus_s
+    entropy = torch.log(width) - kl
+    mean = m_minus_s + h * ev
+    if not need_var:
+        return log_zhat, entropy, mean
+    var = h * h * ((p * (v - ev.unsqueeze(-1)).square()).sum(-1))
+    return log_zhat, entropy, mean, var
+
+
+def _closed_form(al, be, width, *, need_var):
+    return _overlay(
+        al > 0,
+        partial(_tail_all, need_var=need_var),
+        partial(_straddle_all, need_var=need_var),
+        al,
+        be,
+        width,
+    )
+
+
+class Moments(NamedTuple):
+    r"""Standardised statistics of the truncated standard normal.
+
+    ``s`` and ``log_zhat`` as in :func:`log_zhat`; ``entropy`` is the differential entropy of the
+    standardised variable; ``mean_offset`` is its mean minus ``s`` (the mean of the unstandardised
+    variable is ``clamp(loc, low, high) + scale * mean_offset``); ``variance`` its variance
+    (``None`` unless asked for).
+    """
+
+    s: Tensor
+    log_zhat: Tensor
+    entropy: Tensor
+    mean_offset: Tensor
+    variance: Tensor | None
+
+
+def moments(
+    alpha: Tensor, beta: Tensor, width: Tensor | None = None, *, need_var: bool = True
+) -> Moments:
+    c = canonical(alpha, beta, width)
+    flat = _is_flat(c.alpha, c.beta, c.width)
+    out = _overlay(
+        flat,
+        partial(_flat_all, need_var=need_var),
+        partial(_closed_form, need_var=need_var),
+        c.alpha,
+        c.beta,
+        c.width,
+    )
+    lz, entropy, mean = out[:3]
+    mean = c.sign * mean
+    var = out[3] if need_var else None
+    return Moments(nearest_to_zero(alpha, beta), lz, entropy, mean, var)
+
+
+# --- KL to the uniform on the same interval -----------------------------------------------------
 
 
 def kl_to_uniform(
@@ -283,18 +388,16 @@ def kl_to_uniform(
     :math:`\log(\beta - \alpha) - H`, except where the normal is nearly flat over the interval:
     there the KL is tiny, the difference would lose its digits, and it is integrated directly.
     """
-    width = (beta - alpha) if width is None else width.expand_as(alpha)
-    m = 0.5 * (alpha + beta)
-    h = 0.5 * width
-    near = (m.abs() * h + 0.5 * h * h) < _NEAR_UNIFORM
+    c = canonical(alpha, beta, width)
+    flat = _is_flat(c.alpha, c.beta, c.width)
 
     def direct(al, be, wd, ent):
         return (torch.log(wd) - ent,)
 
-    def flat(al, be, wd, ent):
-        return _kl_uniform_near(al, be, wd)
+    def close(al, be, wd, ent):
+        return _flat_kl(al, be, wd)
 
-    (kl,) = _piecewise(near, flat, direct, alpha, beta, width, entropy)
+    (kl,) = _overlay(flat, close, direct, c.alpha, c.beta, c.width, entropy)
     return kl.clamp(min=0.0)
 
 
@@ -318,65 +421,69 @@ def _tail_excess(al: Tensor, be: Tensor, width: Tensor, u: Tensor, ubar: Tensor)
     moderate = al < _ndtr_tail_threshold(dtype)
 
     def by_ndtri(al, log_p):
-        # Phi(-alpha) p, never 0: Phi(-10) p >= 7e-24 * tiny-ish keeps ndtri finite.
-        p = (torch.special.log_ndtr(-al) + log_p).exp().clamp(min=tiny)
+        # Phi(-alpha) p with alpha < 10 (clamped: this runs on every element, and its values
+        # are replaced by Newton's beyond); kept >= tiny so that ndtri stays finite.
+        al = al.clamp(max=_ndtr_tail_threshold(dtype))
+        p = (_normal_cdf_neg(al).log() + log_p).exp().clamp(min=tiny)
         return ((-torch.special.ndtri(p) - al).clamp(min=0.0),)
 
     def by_newton(al, log_p):
-        def g_and_slope(z):
-            y = al + z
-            g = (
-                torch.log(torch.special.erfcx(y * _SQRT1_2) / torch.special.erfcx(al * _SQRT1_2))
-                - 0.5 * z * (al + y)
-                - log_p
-            )
-            return g, y + mills_gap(y)
+        # g(z) = log(Phi(-alpha - z) / Phi(-alpha)) - log p, decreasing and concave, with
+        # slope -r(alpha + z), r(y) = sqrt(2/pi) / erfcx(y / sqrt 2) the inverse Mills ratio.
+        # Newton from the root of its quadratic part (an upper bound) converges monotonically.
+        def g_and_slope(a, ea, z, lp):
+            ey = torch.special.erfcx((a + z) * _SQRT1_2)
+            g = torch.log(ey / ea) - 0.5 * z * (2.0 * a + z) - lp
+            return g, _SQRT_2_OVER_PI / ey
 
+        ea = torch.special.erfcx(al * _SQRT1_2)
         with torch.no_grad():
-            lp = log_p.detach()
-            a = al.detach()
+            a, e, lp = al.detach(), ea.detach(), log_p.detach()
             z = -2.0 * lp / (a + torch.sqrt(a * a - 2.0 * lp))
             for _ in range(_newton_steps(dtype)):
-                y = a + z
-                g = (
-                    torch.log(torch.special.erfcx(y * _SQRT1_2) / torch.special.erfcx(a * _SQRT1_2))
-                    - 0.5 * z * (a + y)
-                    - lp
-                )
-                z = (z + g / (y + mills_gap(y))).clamp(min=0.0)
-        g, slope = g_and_slope(z)
+                g, slope = g_and_slope(a, e, z, lp)
+                z = (z + g / slope).clamp(min=0.0)
+        # One more step with gradients: at the root it gives the implicit-function gradient.
+        g, slope = g_and_slope(al, ea, z, log_p)
         return ((z + g / slope.detach()).clamp(min=0.0),)
 
-    return _piecewise(moderate, by_ndtri, by_newton, al, log_p)
+    return _overlay(~moderate, by_newton, by_ndtri, al, log_p)
 
 
 def _straddle_sample(
     al: Tensor, be: Tensor, width: Tensor, u: Tensor, ubar: Tensor
 ) -> tuple[Tensor]:
+    al = _nonpositive(al)
     z = _straddle_z(al, be)
-    dtype = al.dtype
-    tiny = torch.finfo(dtype).tiny
-    eps = torch.finfo(dtype).eps
-    p_low = torch.special.ndtr(al) + u * z
-    p_high = torch.special.ndtr(-be) + ubar * z
-    use_low = p_low <= p_high
-    # Each branch sees probabilities in (0, 1/2], where ndtri is accurate and finite.
-    y_low = torch.special.ndtri(torch.where(use_low, p_low, 0.25).clamp(tiny, 0.5 + eps))
-    y_high = -torch.special.ndtri(torch.where(use_low, 0.25, p_high).clamp(tiny, 0.5 + eps))
-    return (torch.where(use_low, y_low, y_high),)
+    p_low = _normal_cdf_neg(-al) + u * z
+    p_high = _normal_cdf_neg(be) + ubar * z
+    # ndtri on the smaller of the two tail probabilities (<= 1/2, where it is accurate), with
+    # the sign put back: negative when the quantile lies in the lower half.
+    p = torch.minimum(p_low, p_high).clamp(min=torch.finfo(al.dtype).tiny)
+    return (torch.copysign(torch.special.ndtri(p), p_low - p_high),)
 
 
 def sample_offset(
-    alpha: Tensor, beta: Tensor, u: Tensor, ubar: Tensor, width: Tensor | None = None
+    alpha: Tensor,
+    beta: Tensor,
+    u: Tensor,
+    ubar: Tensor,
+    width: Tensor | None = None,
+    *,
+    exact_quantile: bool = True,
 ) -> Tensor:
     r"""Standardised quantile at CDF value ``u`` (with ``ubar = 1 - u`` given exactly), as an
     offset from ``s``: the quantile of the unstandardised variable is
     ``clamp(loc, low, high) + scale * offset``, which keeps full precision next to a bound.
+
+    With ``exact_quantile=False`` (for sampling) the mirror is applied to the result only: the
+    mirrored element then gets the quantile at ``1 - u``, which has the same distribution when
+    ``u`` is uniform, and two passes over the data are saved.
     """
     c = canonical(alpha, beta, width)
-    # The mirror maps CDF value u to 1 - u.
-    uc = torch.where(c.flip, ubar, u)
-    ubc = torch.where(c.flip, u, ubar)
-
-    (off,) = _piecewise(c.tail, _tail_excess, _straddle_sample, c.alpha, c.beta, c.width, uc, ubc)
-    return torch.where(c.flip, -off, off)
+    if exact_quantile:
+        # The mirror maps CDF value u to 1 - u.
+        mirrored = c.sign < 0
+        u, ubar = torch.where(mirrored, ubar, u), torch.where(mirrored, u, ubar)
+    (off,) = _overlay(c.tail, _tail_excess, _straddle_sample, c.alpha, c.beta, c.width, u, ubar)
+    return c.sign * off

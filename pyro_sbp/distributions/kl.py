@@ -52,8 +52,13 @@ def _kl_truncatednormal_truncatednormal(p, q):
     # The quadratic is taken relative to c_q = clamp(mu_q, a_q, b_q), whose square is the one
     # hidden in log Z_q = log Zhat_q - (c_q - mu_q)^2 / (2 sigma_q^2), so the two cancel exactly:
     # (m - mu_q)^2 - (c_q - mu_q)^2 = (m - c_q)(m + c_q - 2 mu_q).
-    m = p.mean
-    quad = p.variance + (m - q._center) * (m + q._center - 2.0 * q.loc)
+
+    # p's mean is c_p + sigma_p M_p; keeping the offset apart keeps it when it is below the
+    # resolution of c_p (float32, loc far outside the bounds).
+    offset = p.scale * p._moments.mean_offset
+    quad = p.variance + ((p._center - q._center) + offset) * (
+        (p._center - q.loc) + (q._center - q.loc) + offset
+    )
     kl = (
         -p.entropy() + q.scale.log() + _LOG_SQRT_2PI + q._log_zhat + quad / (2.0 * q.scale.square())
     )

@@ -98,6 +98,8 @@ class TruncatedLogNormal(TorchDistribution):
         return self.base_dist.cdf(value.clamp(min=torch.finfo(value.dtype).tiny).log())
 
     def icdf(self, value):
+        if self._validate_args and not ((value >= 0) & (value <= 1)).all():
+            raise ValueError("icdf expects probabilities in [0, 1]")
         return _clamp_straight_through(self.base_dist.icdf(value).exp(), self.low, self.high)
 
     def entropy(self):
@@ -153,6 +155,13 @@ class TruncatedLogNormal(TorchDistribution):
         return _standard.moments(base._alpha - self.scale, base._beta - self.scale, base._width)
 
     @lazy_property
+    def _tilted_log_zhat(self):
+        if "_tilted" in self.__dict__:
+            return self._tilted.log_zhat
+        base = self.base_dist
+        return _standard.log_zhat(base._alpha - self.scale, base._beta - self.scale, base._width)[1]
+
+    @lazy_property
     def _log_mean(self):
         # K(1) = mu + sigma^2/2 + log Z_1 - log Z_0, with the quadratic parts cancelled.
         s0, d1, _ = self._shift
@@ -161,7 +170,7 @@ class TruncatedLogNormal(TorchDistribution):
             self.loc
             + d1 * s0
             + 0.5 * (sigma - d1) * (sigma + d1)
-            + self._tilted.log_zhat
+            + self._tilted_log_zhat
             - self.base_dist._log_zhat
         )
 
@@ -173,7 +182,7 @@ class TruncatedLogNormal(TorchDistribution):
         _, lz2 = _standard.log_zhat(
             base._alpha - 2.0 * sigma, base._beta - 2.0 * sigma, base._width
         )
-        lz1 = self._tilted.log_zhat
+        lz1 = self._tilted_log_zhat
         lz0 = base._log_zhat
         exact = (d2 - 2.0 * d1) * s0 + sigma.square() - 0.5 * d2.square() + d1.square()
         exact = exact + (lz2 - lz1) - (lz1 - lz0)

@@ -72,6 +72,8 @@ class TruncatedLogUniform(TorchDistribution):
         return ((x - self._a) / self._width).clamp(0.0, 1.0)
 
     def icdf(self, value):
+        if self._validate_args and not ((value >= 0) & (value <= 1)).all():
+            raise ValueError("icdf expects probabilities in [0, 1]")
         x = self._a + value * self._width
         return _clamp_straight_through(x.exp(), self.low, self.high)
 

@@ -70,7 +70,7 @@ class TruncatedNormal(TorchDistribution):
     def rsample(self, sample_shape=torch.Size()):
         shape = self._extended_shape(sample_shape)
         u = torch.rand(shape, dtype=self.loc.dtype, device=self.loc.device)
-        return self._quantile(u)
+        return self._quantile(u, exact=False)
 
     def log_prob(self, value):
         if self._validate_args:
@@ -82,11 +82,14 @@ class TruncatedNormal(TorchDistribution):
     def cdf(self, value):
         if self._validate_args:
             self._validate_sample(value)
-        xi = (value - self.loc) / self.scale
-        xi = torch.minimum(torch.maximum(xi, self._alpha), self._beta)
-        alpha = self._alpha.expand_as(xi)
-        width = (value.clamp(self.low, self.high) - self.low) / self.scale
-        return torch.exp(_standard.log_z(alpha, xi, width) - self._log_z)
+        below = value <= self.low
+        above = value >= self.high
+        x = torch.where(below | above, 0.5 * (self.low + self.high), value)
+        # The smaller of the two masses either side of x is accurate; the cdf follows from it.
+        lower = self._log_mass(self.low, x)
+        upper = self._log_mass(x, self.high)
+        cdf = torch.where(lower < -math.log(2.0), lower.exp(), -torch.expm1(upper))
+        return torch.where(below, 0.0, torch.where(above, 1.0, cdf))
 
     def icdf(self, value):
         if self._validate_args:
@@ -107,7 +110,7 @@ class TruncatedNormal(TorchDistribution):
 
     @property
     def variance(self):
-        return self.scale.square() * self._moments.variance
+        return self.scale.square() * self._full_moments.variance
 
     @property
     def log_normalizer(self) -> Tensor:
@@ -137,6 +140,12 @@ class TruncatedNormal(TorchDistribution):
 
     @lazy_property
     def _moments(self):
+        if "_full_moments" in self.__dict__:
+            return self._full_moments
+        return _standard.moments(self._alpha, self._beta, self._width, need_var=False)
+
+    @lazy_property
+    def _full_moments(self):
         return _standard.moments(self._alpha, self._beta, self._width)
 
     @lazy_property
@@ -150,19 +159,32 @@ class TruncatedNormal(TorchDistribution):
         s = _standard.nearest_to_zero(self._alpha, self._beta)
         return self._log_zhat - 0.5 * s * s
 
+    def _log_mass(self, lo: Tensor, hi: Tensor) -> Tensor:
+        """log P(lo <= X <= hi) for low <= lo < hi <= high, in scaled form throughout."""
+        a = (lo - self.loc) / self.scale
+        b = (hi - self.loc) / self.scale
+        _, lz = _standard.log_zhat(a, b, (hi - lo) / self.scale)
+        center = torch.minimum(torch.maximum(self.loc, lo), hi)
+        # log Z' - log Z = lz' - lz - (s'^2 - s^2) / 2, the squares differenced as a product.
+        ds = (center - self._center) / self.scale
+        ss = (center + self._center - 2.0 * self.loc) / self.scale
+        return lz - self._log_zhat - 0.5 * ds * ss
+
     def _log_prob_inside(self, value):
         # -(xi^2 - s^2)/2 factored as -(xi - s)(xi + s)/2: the two quadratics cancel exactly.
         lo = (value - self._center) / self.scale
         hi = (value + self._center - 2.0 * self.loc) / self.scale
         return -0.5 * lo * hi - _LOG_SQRT_2PI - self.scale.log() - self._log_zhat
 
-    def _quantile(self, u):
+    def _quantile(self, u, exact=True):
         finfo = torch.finfo(u.dtype)
         shape = torch.broadcast_shapes(u.shape, self.batch_shape)
         u = u.clamp(finfo.tiny, 1.0 - finfo.eps / 2).expand(shape)
         alpha = self._alpha.expand(shape)
         beta = self._beta.expand(shape)
-        offset = _standard.sample_offset(alpha, beta, u, 1.0 - u, self._width.expand(shape))
+        offset = _standard.sample_offset(
+            alpha, beta, u, 1.0 - u, self._width.expand(shape), exact_quantile=exact
+        )
         x = self._center + self.scale * offset
         return torch.minimum(torch.maximum(x, self.low), self.high)
 

@@ -1,1 +1,32 @@
-"""Pyro models with gates on the units of a network."""
+"""Networks with multiplicative noise gates on their units, as Pyro models.
+
+:func:`make_prunable` puts an :class:`SBPGate` after chosen layers of any network;
+:class:`SBPModel` is the Pyro model (categorical likelihood, per-example gate noise, KL scaled to
+the data set); :mod:`pyro_sbp.models.nets` holds the built-in plain networks.
+"""
+
+from pyro_sbp.models.gate import DEFAULT_HIGH, DEFAULT_LOW, SBPGate
+from pyro_sbp.models.nets import INPUT_SHAPES, NETWORKS, Normalize, build_network
+from pyro_sbp.models.prunable import (
+    gated_layer_name,
+    make_prunable,
+    named_gates,
+    set_gates_enabled,
+)
+from pyro_sbp.models.sbp_model import SBPModel, check_input
+
+__all__ = [
+    "DEFAULT_HIGH",
+    "DEFAULT_LOW",
+    "INPUT_SHAPES",
+    "NETWORKS",
+    "Normalize",
+    "SBPGate",
+    "SBPModel",
+    "build_network",
+    "check_input",
+    "gated_layer_name",
+    "make_prunable",
+    "named_gates",
+    "set_gates_enabled",
+]

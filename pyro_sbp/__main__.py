@@ -1,0 +1,5 @@
+import sys
+
+from pyro_sbp.cli import main
+
+sys.exit(main())

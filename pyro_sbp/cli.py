@@ -1,0 +1,123 @@
+"""The command line: ``pyro-sbp train ...`` (also ``python -m pyro_sbp``)."""
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from pyro_sbp.data import DATASETS
+from pyro_sbp.models import NETWORKS
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            "expected a JSON object, e.g. '{\"width_multiplier\": 0.5}'"
+        )
+    return value
+
+
+def _add_train(sub) -> None:
+    from pyro_sbp.infer import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser(
+        "train",
+        help="fit a gated network with SVI",
+        description=(
+            "Pretrain a network (gates off), then fit weights and gate posteriors by SVI with "
+            "TraceMeanField_ELBO. Writes checkpoint.pt (resumable) and history.json to --out.\n\n"
+            f"models: {', '.join(NETWORKS)}\ndata sets: {', '.join(DATASETS)}"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", choices=list(NETWORKS), default=d.model, help="network")
+    p.add_argument("--dataset", choices=list(DATASETS), default=d.dataset, help="data set")
+    p.add_argument("--data-dir", default=None, help="where the data set's files are")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="SVI epochs")
+    p.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs)
+    p.add_argument("--pretrained", default=None, help="state dict of pretrained weights")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate of the weights")
+    p.add_argument("--gate-lr", type=float, default=d.gate_lr, help="learning rate of the gates")
+    p.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr)
+    p.add_argument("--beta1", type=float, default=d.beta1, help="Adam beta1 (SBP: 0.95)")
+    p.add_argument("--kl-warmup-epochs", type=int, default=d.kl_warmup_epochs)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="cpu or cuda")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--resize", type=int, default=None, help="resize images (e.g. 32)")
+    p.add_argument("--init-log-scale", type=float, default=d.init_log_scale)
+    p.add_argument("--network-kwargs", type=_json_dict, default={}, help="JSON object")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _run_train(args) -> int:
+    from pyro_sbp.infer import TrainConfig, Trainer
+
+    config = TrainConfig(
+        model=args.model,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        epochs=args.epochs,
+        pretrain_epochs=args.pretrain_epochs,
+        pretrained=args.pretrained,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        gate_lr=args.gate_lr,
+        pretrain_lr=args.pretrain_lr,
+        beta1=args.beta1,
+        kl_warmup_epochs=args.kl_warmup_epochs,
+        seed=args.seed,
+        device=args.device,
+        val_fraction=args.val_fraction,
+        resize=args.resize,
+        init_log_scale=args.init_log_scale,
+        network_kwargs=args.network_kwargs,
+    )
+    trainer = Trainer(config, args.out, resume=args.resume, progress=not args.no_progress)
+    history = trainer.fit()
+    last = history[-1] if history else {}
+    kept = last.get("units_kept")
+    summary = f"done: {len(history)} epochs, validation accuracy {last.get('val_accuracy', 0):.4f}"
+    if kept:
+        total = last["units_total"]
+        summary += "; units kept (SNR > 1): " + ", ".join(
+            f"{site} {kept[site]}/{total[site]}" for site in kept
+        )
+    print(summary)
+    print(f"checkpoint and history in {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyro-sbp",
+        description="Bayesian structured pruning of neural networks with Pyro.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return _run_train(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"pyro-sbp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

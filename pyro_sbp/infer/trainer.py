@@ -1,0 +1,439 @@
+"""Fitting a gated network: deterministic pretraining, then SVI with the analytic-KL ELBO."""
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+import torch.nn.functional as F
+from pyro.infer import SVI, TraceMeanField_ELBO
+from pyro.optim import Adam
+from torch import nn
+from tqdm.auto import tqdm
+
+from pyro_sbp.data import DataSplits, load_dataset, make_loaders
+from pyro_sbp.guides import SBPGuide
+from pyro_sbp.infer.checkpoint import (
+    CHECKPOINT_NAME,
+    architecture,
+    architecture_mismatch,
+    load_checkpoint,
+    save_atomic,
+    write_text_atomic,
+)
+from pyro_sbp.models import (
+    DEFAULT_HIGH,
+    DEFAULT_LOW,
+    SBPModel,
+    build_network,
+    check_input,
+    make_prunable,
+    named_gates,
+    set_gates_enabled,
+)
+
+HISTORY_NAME = "history.json"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The ELBO became ``nan`` or ``inf``; the message names the step and the offending sites."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in its checkpoint).
+
+    :ivar model: a name from :data:`pyro_sbp.models.NETWORKS`.
+    :ivar dataset: a name from :data:`pyro_sbp.data.DATASETS`.
+    :ivar epochs: SVI epochs.
+    :ivar pretrain_epochs: epochs of deterministic training (gates off) before SVI; SBP starts
+        from a trained network. Ignored when ``pretrained`` weights are given.
+    :ivar lr: learning rate of the weights (Adam).
+    :ivar gate_lr: learning rate of the gates' variational parameters.
+    :ivar beta1: Adam's first-moment decay (SBP uses 0.95).
+    :ivar kl_warmup_epochs: epochs over which the KL weight rises linearly from 0 to 1.
+    """
+
+    model: str = "digits-mlp"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    epochs: int = 10
+    pretrain_epochs: int = 5
+    batch_size: int = 128
+    lr: float = 1e-3
+    gate_lr: float = 1e-2
+    pretrain_lr: float = 1e-3
+    beta1: float = 0.95
+    kl_warmup_epochs: int = 0
+    seed: int = 0
+    device: str = "cpu"
+    val_fraction: float = 0.2
+    resize: int | None = None
+    low: float = DEFAULT_LOW
+    high: float = DEFAULT_HIGH
+    init_log_scale: float = -5.0
+    pretrained: str | None = None
+    network_kwargs: dict = field(default_factory=dict)
+    dataset_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for key in ("epochs", "pretrain_epochs", "kl_warmup_epochs"):
+            if int(getattr(self, key)) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        for key in ("lr", "gate_lr", "pretrain_lr"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        if not 0 <= self.beta1 < 1:
+            raise ValueError(f"beta1 must be in [0, 1), got {self.beta1}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but CUDA is not available here")
+    return torch.device(name)
+
+
+def _gate_param(name: str) -> bool:
+    return name.endswith((".gate.loc", ".gate.log_scale"))
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, loader, device: torch.device) -> float:
+    """Accuracy of ``net`` in evaluation mode (gates at the posterior mean) on ``loader``."""
+    was_training = net.training
+    net.eval()
+    correct = total = 0
+    for x, y, *_ in loader:
+        x, y = x.to(device), y.to(device)
+        correct += (net(x).argmax(-1) == y).sum().item()
+        total += y.numel()
+    net.train(was_training)
+    return correct / max(total, 1)
+
+
+def units_kept_snr(guide: SBPGuide, threshold: float = 1.0) -> dict[str, int]:
+    """Units per gate site with SNR above ``threshold`` (and not masked)."""
+    out = {}
+    gates = dict(guide._gates)
+    for site, snr in guide.snr().items():
+        out[site] = int(((snr > threshold) & (gates[site].mask > 0)).sum())
+    return out
+
+
+class Trainer:
+    """A resumable training run: pretraining, then SVI, with a checkpoint after every epoch.
+
+    ``Trainer(config, out_dir).fit()`` trains; a second ``Trainer`` on the same ``out_dir`` with
+    ``resume=True`` continues from the last checkpoint and ends in the same state as an
+    uninterrupted run (same seed, same batches, same noise).
+
+    :param TrainConfig config: the run's settings.
+    :param out_dir: where ``checkpoint.pt`` and ``history.json`` are written (``None`` for none).
+    :param bool resume: continue from ``out_dir``'s checkpoint (its config wins; a checkpoint of
+        another architecture is refused).
+    :param bool progress: show tqdm progress bars (they hide themselves off a terminal).
+    :param splits: data splits to use instead of loading ``config.dataset``.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        out_dir: str | Path | None = None,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        splits: DataSplits | None = None,
+    ):
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        checkpoint = None
+        if resume:
+            if self.out_dir is None:
+                raise ValueError("resume=True needs the run directory")
+            checkpoint = load_checkpoint(self.out_dir / CHECKPOINT_NAME)
+            stored = TrainConfig.from_dict(checkpoint["config"])
+            if (stored.model, stored.network_kwargs) != (config.model, config.network_kwargs):
+                raise ValueError(
+                    f"the checkpoint in {self.out_dir} was written for network "
+                    f"{stored.model!r} {stored.network_kwargs or ''}, not {config.model!r} "
+                    f"{config.network_kwargs or ''}"
+                )
+            # Everything but the number of epochs comes from the checkpoint.
+            stored.epochs = config.epochs
+            config = stored
+        self.config = config
+        self.progress = progress
+        self.device = resolve_device(config.device)
+
+        pyro.set_rng_seed(config.seed)
+        pyro.clear_param_store()
+        self.splits = splits if splits is not None else self._load_data()
+        self.loaders = make_loaders(self.splits, config.batch_size, seed=config.seed)
+        self.net = self._build_network().to(self.device)
+        self.input_shape = tuple(self.splits.input_shape)
+        num_data = self.splits.num_train
+        self.model = SBPModel(self.net, num_data, self.input_shape)
+        self.guide = SBPGuide(self.net, num_data, init_log_scale=config.init_log_scale)
+        self.optim = Adam(self._optim_args)
+        self.svi = SVI(self.model, self.guide, self.optim, TraceMeanField_ELBO())
+        self.pretrain_optim = torch.optim.Adam(self.net.parameters(), lr=config.pretrain_lr)
+        self.history: list[dict[str, Any]] = []
+        self.pretrain_done = 0
+        self.svi_done = 0
+        self.global_step = 0
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        elif config.pretrained:
+            self._load_pretrained(config.pretrained)
+
+    # --- construction --------------------------------------------------------------------
+
+    def _load_data(self) -> DataSplits:
+        c = self.config
+        return load_dataset(
+            c.dataset,
+            c.data_dir,
+            seed=c.seed,
+            val_fraction=c.val_fraction,
+            resize=c.resize,
+            **c.dataset_kwargs,
+        )
+
+    def _build_network(self) -> nn.Module:
+        c = self.config
+        kwargs = dict(c.network_kwargs)
+        kwargs.setdefault("mean", self.splits.mean)
+        kwargs.setdefault("std", self.splits.std)
+        kwargs.setdefault("num_classes", self.splits.num_classes)
+        net = build_network(c.model, **kwargs)
+        expected = getattr(net, "input_shape", None)
+        if expected is not None and tuple(expected) != tuple(self.splits.input_shape):
+            raise ValueError(
+                f"network {c.model!r} expects inputs of shape {tuple(expected)}, but data set "
+                f"{c.dataset!r} has {tuple(self.splits.input_shape)}"
+                + (" (pass resize=32)" if tuple(expected)[-1] == 32 else "")
+            )
+        return make_prunable(net, low=c.low, high=c.high)
+
+    def _optim_args(self, name: str) -> dict:
+        c = self.config
+        return {"lr": c.gate_lr if _gate_param(name) else c.lr, "betas": (c.beta1, 0.999)}
+
+    def _load_pretrained(self, path: str) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        state = state.get("net_state", state)
+        # Pretrained weights come from a plain network: gate buffers may be absent.
+        own = {k: v for k, v in self.net.state_dict().items() if ".gate." not in k}
+        theirs = {k: v for k, v in state.items() if ".gate." not in k}
+        diffs = architecture_mismatch(architecture(own), architecture(theirs))
+        if diffs:
+            raise ValueError(
+                f"pretrained weights in {path} do not fit network {self.config.model!r}:\n  "
+                + "\n  ".join(diffs)
+            )
+        self.net.load_state_dict(theirs, strict=False)
+        self.config.pretrain_epochs = 0
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        net_params = {n for n, _ in self.net.named_parameters()}
+        store = pyro.get_param_store().get_state()
+        guide_store = {
+            "params": {k: v for k, v in store["params"].items() if k not in net_params},
+            "constraints": {k: v for k, v in store["constraints"].items() if k not in net_params},
+        }
+        sampler = self.loaders["train"].sampler.sampler
+        return {
+            "config": asdict(self.config),
+            "pretrain_done": self.pretrain_done,
+            "svi_done": self.svi_done,
+            "global_step": self.global_step,
+            "net_state": self.net.state_dict(),
+            "architecture": architecture(self.net.state_dict()),
+            "guide_params": guide_store,
+            "optim_state": self.optim.get_state(),
+            "pretrain_optim_state": self.pretrain_optim.state_dict(),
+            "rng_state": pyro.util.get_rng_state(),
+            "sampler_rng": sampler.generator.get_state(),
+            "loader_rng": self.loaders["train"].generator.get_state(),
+            "history": self.history,
+            "split": self.splits.split,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.splits.num_classes,
+        }
+
+    def _restore(self, ckpt: dict) -> None:
+        found = ckpt.get("architecture") or architecture(ckpt["net_state"])
+        diffs = architecture_mismatch(architecture(self.net.state_dict()), found)
+        if diffs:
+            raise ValueError(
+                f"the checkpoint was written for another architecture than {self.config.model!r}:"
+                "\n  " + "\n  ".join(diffs)
+            )
+        if ckpt.get("split", self.splits.split)["sizes"] != self.splits.split["sizes"]:
+            raise ValueError("the checkpoint's data split differs from this data set's")
+        self.net.load_state_dict(ckpt["net_state"])
+        pyro.get_param_store().set_state(ckpt["guide_params"])
+        self.optim.set_state(ckpt["optim_state"])
+        self.pretrain_optim.load_state_dict(ckpt["pretrain_optim_state"])
+        pyro.util.set_rng_state(ckpt["rng_state"])
+        self.loaders["train"].sampler.sampler.generator.set_state(ckpt["sampler_rng"])
+        self.loaders["train"].generator.set_state(ckpt["loader_rng"])
+        self.history = list(ckpt["history"])
+        self.pretrain_done = ckpt["pretrain_done"]
+        self.svi_done = ckpt["svi_done"]
+        self.global_step = ckpt["global_step"]
+
+    def save(self) -> None:
+        if self.out_dir is None:
+            return
+        save_atomic(self.state(), self.out_dir / CHECKPOINT_NAME)
+        write_text_atomic(json.dumps(self.history, indent=1) + "\n", self.out_dir / HISTORY_NAME)
+
+    # --- training ------------------------------------------------------------------------
+
+    def kl_weight(self, epoch: int) -> float:
+        w = self.config.kl_warmup_epochs
+        return 1.0 if w == 0 else min(1.0, (epoch + 1) / w)
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Run the remaining pretraining and SVI epochs; return the history."""
+        c = self.config
+        total = c.pretrain_epochs + c.epochs
+        done = self.pretrain_done + self.svi_done
+        bar = tqdm(
+            total=total, initial=done, desc="epochs", disable=not self.progress or None, unit="ep"
+        )
+        try:
+            while self.pretrain_done < c.pretrain_epochs:
+                record = self._pretrain_epoch(self.pretrain_done)
+                self.pretrain_done += 1
+                self._end_epoch(record, bar)
+            while self.svi_done < c.epochs:
+                record = self._svi_epoch(self.svi_done)
+                self.svi_done += 1
+                self._end_epoch(record, bar)
+        finally:
+            bar.close()
+        return self.history
+
+    def _end_epoch(self, record: dict, bar) -> None:
+        self.history.append(record)
+        self.save()
+        bar.update(1)
+        postfix = {"loss": f"{record['loss']:.4g}", "acc": f"{record['val_accuracy']:.3f}"}
+        if "units_kept" in record:
+            postfix["kept"] = "-".join(str(v) for v in record["units_kept"].values())
+        bar.set_postfix(postfix)
+
+    def _eval_loader(self):
+        return self.loaders.get("val") or self.loaders["test"]
+
+    def _batches(self, desc: str):
+        return tqdm(
+            self.loaders["train"],
+            desc=desc,
+            leave=False,
+            disable=not self.progress or None,
+            unit="batch",
+        )
+
+    def _pretrain_epoch(self, epoch: int) -> dict:
+        set_gates_enabled(self.net, False)
+        self.net.train()
+        start = time.perf_counter()
+        total = count = 0.0
+        for x, y, _ in self._batches(f"pretrain {epoch + 1}"):
+            x, y = x.to(self.device), y.to(self.device)
+            check_input(x, self.input_shape)
+            loss = F.cross_entropy(self.net(x), y)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"non-finite cross-entropy in pretraining epoch {epoch + 1}, "
+                    f"step {self.global_step}"
+                )
+            self.pretrain_optim.zero_grad()
+            loss.backward()
+            self.pretrain_optim.step()
+            self.global_step += 1
+            total += loss.item() * len(y)
+            count += len(y)
+        acc = evaluate(self.net, self._eval_loader(), self.device)
+        set_gates_enabled(self.net, True)
+        return {
+            "phase": "pretrain",
+            "epoch": epoch + 1,
+            "loss": total / max(count, 1),
+            "val_accuracy": acc,
+            "seconds": time.perf_counter() - start,
+        }
+
+    def _svi_epoch(self, epoch: int) -> dict:
+        set_gates_enabled(self.net, True)
+        self.net.train()
+        start = time.perf_counter()
+        beta = self.kl_weight(epoch)
+        total = 0.0
+        for x, y, idx in self._batches(f"svi {epoch + 1}"):
+            x, y, idx = x.to(self.device), y.to(self.device), idx.to(self.device)
+            loss = self.svi.step(x, y, idx, kl_weight=beta)
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(self._diagnose(epoch, x, y, idx, beta, loss))
+            self.global_step += 1
+            total += loss
+        self.guide.update_gates()
+        acc = evaluate(self.net, self._eval_loader(), self.device)
+        kept = units_kept_snr(self.guide)
+        return {
+            "phase": "svi",
+            "epoch": epoch + 1,
+            # The negative ELBO of the whole data set (summed over the epoch's minibatches,
+            # each an unbiased estimate of it, divided by their number).
+            "loss": total / max(len(self.loaders["train"]), 1),
+            "kl_weight": beta,
+            "val_accuracy": acc,
+            "units_kept": kept,
+            "units_total": {site: g.num_units for site, g in named_gates(self.net)},
+            "seconds": time.perf_counter() - start,
+        }
+
+    def _diagnose(self, epoch, x, y, idx, beta, loss) -> str:
+        bad = [
+            name
+            for name, value in pyro.get_param_store().items()
+            if not torch.isfinite(value).all()
+        ]
+        with torch.no_grad():
+            guide_trace = pyro.poutine.trace(self.guide).get_trace(x, y, idx, beta)
+            model_trace = pyro.poutine.trace(
+                pyro.poutine.replay(self.model, trace=guide_trace)
+            ).get_trace(x, y, idx, beta)
+            for name, site in model_trace.nodes.items():
+                if site["type"] != "sample" or name == "data":
+                    continue
+                if site["is_observed"]:
+                    value = site["fn"].log_prob(site["value"])
+                else:
+                    value = torch.distributions.kl_divergence(
+                        guide_trace.nodes[name]["fn"], site["fn"]
+                    )
+                if not torch.isfinite(value).all():
+                    bad.append(name)
+        where = ", ".join(dict.fromkeys(bad)) or "none found (the gradient step itself)"
+        return (
+            f"non-finite loss {loss} at SVI epoch {epoch + 1}, step {self.global_step}; "
+            f"offending sites/params: {where}"
+        )

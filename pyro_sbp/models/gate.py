@@ -1,0 +1,95 @@
+import math
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.nn import PyroModule
+from torch import Tensor
+
+from pyro_sbp.distributions import TruncatedLogUniform
+
+#: SBP's default bounds on theta: [e^-20, 1].
+DEFAULT_LOW = math.exp(-20.0)
+DEFAULT_HIGH = 1.0
+
+
+class SBPGate(PyroModule):
+    r"""A multiplicative noise gate :math:`\theta_j` on each unit ``j`` (dim 1) of a layer.
+
+    In a Pyro model (training mode) each call samples the site named after the gate (for
+    example ``"features.0.gate"``) from the prior
+
+    .. math::
+
+        \theta_j \sim \mathrm{LogU}_{[a, b]}, \qquad a = \log \mathrm{low},\ b = \log \mathrm{high},
+
+    once *per example*: inside the model's data plate the site has shape
+    ``(batch, num_units)``. Its log-density (and, with the matching guide, its KL) is scaled by
+    ``kl_scale``, which :class:`~pyro_sbp.models.SBPModel` sets to ``1 / N`` for a data set of
+    ``N`` examples. The plate's ``N / batch`` subsampling scale times ``1 / N`` times the
+    ``batch`` identical per-example KLs is exactly one KL per unit, while every example sees its
+    own draw of the noise. Since each draw is marginally from the posterior, the expected
+    objective is the ELBO of the model with one global :math:`\theta` per unit; the per-example
+    draws only lower the variance of its gradient (as in SBP's implementation, and as the local
+    reparameterisation trick does for weights).
+
+    In evaluation mode (``gate.eval()``) the gate multiplies by ``theta_mean``, the posterior
+    mean :math:`\mathbb E_q[\theta]` that :meth:`~pyro_sbp.guides.SBPGuide.update_gates` copies
+    from the guide. A keep-``mask`` makes removed units exactly zero in both modes; a gate with
+    ``enabled = False`` only applies the mask (the deterministic pretraining phase).
+
+    **References**
+
+    [1] Neklyudov, Molchanov, Ashukha, Vetrov, *Structured Bayesian Pruning via Log-Normal
+        Multiplicative Noise*, NeurIPS 2017 (Sections 4-5).
+
+    :param int num_units: number of units (channels of a Conv2d, neurons of a Linear).
+    :param float low: lower bound of theta (default :math:`e^{-20}`).
+    :param float high: upper bound of theta (default 1).
+    """
+
+    def __init__(self, num_units: int, low: float = DEFAULT_LOW, high: float = DEFAULT_HIGH):
+        super().__init__()
+        if num_units < 1:
+            raise ValueError(f"a gate needs at least one unit, got num_units={num_units}")
+        if not 0 < low < high:
+            raise ValueError(f"gate bounds must satisfy 0 < low < high, got {low}, {high}")
+        self.num_units = int(num_units)
+        self.low = float(low)
+        self.high = float(high)
+        self.kl_scale = 1.0
+        self.enabled = True
+        self.register_buffer("mask", torch.ones(num_units))
+        self.register_buffer("theta_mean", torch.ones(num_units))
+
+    @property
+    def site_name(self) -> str:
+        """The name of the gate's sample site (the gate's path in the network)."""
+        return self._pyro_name
+
+    def prior(self) -> TruncatedLogUniform:
+        low = self.mask.new_tensor(self.low)
+        high = self.mask.new_tensor(self.high)
+        return TruncatedLogUniform(low, high).expand([self.num_units])
+
+    def sample_theta(self) -> Tensor:
+        with poutine.scale(scale=self.kl_scale):
+            return pyro.sample(self.site_name, self.prior().to_event(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 2 or x.shape[1] != self.num_units:
+            raise ValueError(
+                f"gate {self.site_name!r} expects {self.num_units} units on dim 1, "
+                f"got input of shape {tuple(x.shape)}"
+            )
+        if not self.enabled:
+            theta = self.mask
+        else:
+            theta = self.sample_theta() if self.training else self.theta_mean
+            theta = theta * self.mask
+        # Broadcast over the batch (theta may be per example) and any spatial dims.
+        shape = (-1 if theta.dim() == 2 else 1, self.num_units) + (1,) * (x.dim() - 2)
+        return x * theta.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"num_units={self.num_units}, low={self.low:.3g}, high={self.high:.3g}"

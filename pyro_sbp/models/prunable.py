@@ -1,0 +1,135 @@
+"""Turning a plain network into a prunable one: one gate per unit after chosen layers."""
+
+from collections.abc import Iterator, Sequence
+
+from pyro.nn.module import to_pyro_module_
+from torch import Tensor, nn
+
+from pyro_sbp.models.gate import DEFAULT_HIGH, DEFAULT_LOW, SBPGate
+
+_GATEABLE = (nn.Linear, nn.Conv2d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _num_units(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def _default_layers(net: nn.Module) -> list[str]:
+    names = [name for name, m in net.named_modules() if isinstance(m, _GATEABLE)]
+    if not names:
+        raise ValueError("the network has no nn.Linear or nn.Conv2d layer to put gates on")
+    last = names[-1]
+    if not isinstance(net.get_submodule(last), nn.Linear):
+        raise ValueError(
+            f"the last Linear/Conv2d layer {last!r} is not a Linear: cannot tell the classifier; "
+            "pass `layers` explicitly"
+        )
+    # The classifier's outputs (the last Linear) are never gated.
+    return names[:-1]
+
+
+def _following_norm(net: nn.Module, name: str, units: int) -> nn.Module | None:
+    # A BatchNorm right after the layer in the same Sequential.
+    parent_name, _, child = name.rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    if not isinstance(parent, nn.Sequential):
+        return None
+    keys = list(parent._modules)
+    pos = keys.index(child)
+    if pos + 1 < len(keys):
+        nxt = parent._modules[keys[pos + 1]]
+        if isinstance(nxt, _NORMS) and nxt.num_features == units:
+            return nxt
+    return None
+
+
+def _gate_before_bias(layer: nn.Module, _inputs, out: Tensor) -> Tensor:
+    # conv / linear -> gate -> bias (SBP): the gate scales the bias-free response, and the mask
+    # also removes the bias of a removed unit, so that a removed unit is exactly zero.
+    gate = layer.gate
+    bias = layer.bias
+    if bias is None:
+        return gate(out)
+    b = bias.reshape((1, -1) + (1,) * (out.dim() - 2))
+    return gate(out - b) + b * gate.mask.reshape(b.shape)
+
+
+def _gate_after_norm(norm: nn.Module, _inputs, out: Tensor) -> Tensor:
+    # conv -> BatchNorm -> gate: after the norm, so that batch statistics cannot undo the gate's
+    # scaling, and a removed channel is exactly zero whatever the norm's shift.
+    return norm._sbp_gate(out)
+
+
+def make_prunable(
+    net: nn.Module,
+    layers: Sequence[str] | None = None,
+    *,
+    low: float = DEFAULT_LOW,
+    high: float = DEFAULT_HIGH,
+) -> nn.Module:
+    """Put an :class:`SBPGate` on the units of chosen layers of ``net``, in place.
+
+    One line makes a network prunable::
+
+        net = make_prunable(build_network("lenet5-caffe"))
+
+    The gate of layer ``"features.0"`` is the submodule ``"features.0.gate"``, which is also the
+    name of its Pyro sample site. ``net`` is converted to a :class:`~pyro.nn.PyroModule` tree
+    (in place), so its weights become Pyro parameters named by their paths
+    (``"features.0.weight"``); weights stay deterministic point estimates, as in SBP.
+
+    Where the gate goes: ``Linear``/``Conv2d`` -> gate -> bias -> nonlinearity (the gate scales the
+    bias-free response, as in SBP); when the layer is followed by a ``BatchNorm1d``/``BatchNorm2d``
+    of matching width in the same ``nn.Sequential``, the gate goes after that norm instead
+    (``conv -> BN -> gate -> nonlinearity``), because batch statistics would otherwise normalise
+    the gate's scaling away. Either way a unit whose mask is 0 outputs exactly 0.
+
+    :param net: a plain network (or one already made prunable, which is an error).
+    :param layers: names of the ``nn.Linear``/``nn.Conv2d`` layers to gate; by default every one
+        but the last (the classifier, which must then be a ``Linear``).
+    :param float low: lower bound of each gate (default :math:`e^{-20}`).
+    :param float high: upper bound of each gate (default 1).
+    :return: ``net`` itself.
+    """
+    if any(isinstance(m, SBPGate) for m in net.modules()):
+        raise ValueError("the network already has gates")
+    names = _default_layers(net) if layers is None else list(layers)
+    modules = dict(net.named_modules())
+    for name in names:
+        layer = modules.get(name)
+        if layer is None:
+            raise ValueError(f"no layer named {name!r}; layers: {sorted(n for n in modules if n)}")
+        if not isinstance(layer, _GATEABLE):
+            raise ValueError(f"layer {name!r} is a {type(layer).__name__}, not Linear or Conv2d")
+    for name in names:
+        layer = modules[name]
+        units = _num_units(layer)
+        layer.gate = SBPGate(units, low, high)
+        norm = _following_norm(net, name, units)
+        if norm is None:
+            layer.register_forward_hook(_gate_before_bias)
+        else:
+            # Held by the norm without registering it twice as a submodule.
+            object.__setattr__(norm, "_sbp_gate", layer.gate)
+            norm.register_forward_hook(_gate_after_norm)
+    to_pyro_module_(net)
+    return net
+
+
+def named_gates(net: nn.Module) -> Iterator[tuple[str, SBPGate]]:
+    """``(site name, gate)`` for every gate of ``net``, in module order."""
+    for m in net.modules():
+        if isinstance(m, SBPGate):
+            yield m.site_name, m
+
+
+def gated_layer_name(site: str) -> str:
+    """The name of the layer a gate site belongs to (``"features.0.gate"`` -> ``"features.0"``)."""
+    return site.rpartition(".")[0]
+
+
+def set_gates_enabled(net: nn.Module, enabled: bool) -> None:
+    """Switch every gate on (noise / posterior mean) or off (identity, up to the mask)."""
+    for _, gate in named_gates(net):
+        gate.enabled = enabled

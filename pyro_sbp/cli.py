@@ -4,6 +4,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pyro_sbp.data import DATASETS
 from pyro_sbp.models import NETWORKS
@@ -55,6 +56,12 @@ def _add_train(sub) -> None:
     p.add_argument("--network-kwargs", type=_json_dict, default={}, help="JSON object")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    p.add_argument(
+        "--prune-criterion",
+        default=None,
+        help="prune during training: recompute masks after every SVI epoch (e.g. bmrs-n)",
+    )
+    p.add_argument("--finetune-epochs", type=int, default=0, help="SVI epochs with frozen masks")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -80,6 +87,8 @@ def _run_train(args) -> int:
         resize=args.resize,
         init_log_scale=args.init_log_scale,
         network_kwargs=args.network_kwargs,
+        prune_criterion=args.prune_criterion,
+        finetune_epochs=args.finetune_epochs,
     )
     trainer = Trainer(config, args.out, resume=args.resume, progress=not args.no_progress)
     history = trainer.fit()
@@ -96,6 +105,48 @@ def _run_train(args) -> int:
     return 0
 
 
+def _add_prune(sub) -> None:
+    from pyro_sbp.reduction import CRITERIA_HELP
+
+    p = sub.add_parser(
+        "prune",
+        help="decide which units go, from a fitted run",
+        description=(
+            "Compute keep-masks for every gate of a fitted run with a pruning criterion and write "
+            "masks.pt (site -> bool tensor) and pruning.json (units before and after and each "
+            f"unit's score, per layer) into the run directory.\n\ncriteria: {CRITERIA_HELP}"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dir", help="a run directory written by `pyro-sbp train`")
+    p.add_argument("--criterion", default="bmrs-n", help="pruning criterion (default bmrs-n)")
+
+
+def _run_prune(args) -> int:
+    import torch
+
+    from pyro_sbp.infer import Trainer, evaluate
+    from pyro_sbp.infer.checkpoint import save_atomic, write_text_atomic
+    from pyro_sbp.reduction import apply_masks, compute_masks, parse_criterion
+
+    parse_criterion(args.criterion)
+    trainer = Trainer.from_run(args.run_dir)
+    trainer.guide.update_gates()
+    loader = trainer._eval_loader()
+    before = evaluate(trainer.net, loader, trainer.device)
+    result = compute_masks(trainer.net, trainer.guide, args.criterion)
+    apply_masks(trainer.net, result)
+    after = evaluate(trainer.net, loader, trainer.device)
+    summary = result.to_dict() | {"val_accuracy_full": before, "val_accuracy_pruned": after}
+    run = Path(args.run_dir)
+    save_atomic({site: m.to(torch.bool) for site, m in result.masks().items()}, run / "masks.pt")
+    write_text_atomic(json.dumps(summary, indent=1) + "\n", run / "pruning.json")
+    print(result.summary())
+    print(f"validation accuracy: full {before:.4f}, pruned {after:.4f}")
+    print(f"wrote {run / 'masks.pt'} and {run / 'pruning.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyro-sbp",
@@ -103,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
+    _add_prune(sub)
     return parser
 
 
@@ -112,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _run_train(args)
+        if args.command == "prune":
+            return _run_prune(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"pyro-sbp {args.command}: error: {e}", file=sys.stderr)
         return 2

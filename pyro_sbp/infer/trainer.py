@@ -56,6 +56,10 @@ class TrainConfig:
     :ivar gate_lr: learning rate of the gates' variational parameters.
     :ivar beta1: Adam's first-moment decay (SBP uses 0.95).
     :ivar kl_warmup_epochs: epochs over which the KL weight rises linearly from 0 to 1.
+    :ivar prune_criterion: prune during training (the BMRS recipe): after every SVI epoch the
+        masks are recomputed with this criterion (see :mod:`pyro_sbp.reduction.criteria`);
+        removed units are off in training and evaluation from then on.
+    :ivar finetune_epochs: SVI epochs after the ``epochs``, with the masks frozen.
     """
 
     model: str = "digits-mlp"
@@ -77,11 +81,17 @@ class TrainConfig:
     high: float = DEFAULT_HIGH
     init_log_scale: float = -5.0
     pretrained: str | None = None
+    prune_criterion: str | None = None
+    finetune_epochs: int = 0
     network_kwargs: dict = field(default_factory=dict)
     dataset_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for key in ("epochs", "pretrain_epochs", "kl_warmup_epochs"):
+        if self.prune_criterion is not None:
+            from pyro_sbp.reduction import parse_criterion
+
+            parse_criterion(self.prune_criterion)
+        for key in ("epochs", "pretrain_epochs", "kl_warmup_epochs", "finetune_epochs"):
             if int(getattr(self, key)) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.batch_size < 1:
@@ -198,6 +208,13 @@ class Trainer:
         elif config.pretrained:
             self._load_pretrained(config.pretrained)
 
+    @classmethod
+    def from_run(cls, run_dir: str | Path, *, progress: bool = False) -> "Trainer":
+        """The trainer of a finished (or interrupted) run, restored from its checkpoint."""
+        ckpt = load_checkpoint(Path(run_dir) / CHECKPOINT_NAME)
+        config = TrainConfig.from_dict(ckpt["config"])
+        return cls(config, run_dir, resume=True, progress=progress)
+
     # --- construction --------------------------------------------------------------------
 
     def _load_data(self) -> DataSplits:
@@ -312,7 +329,7 @@ class Trainer:
     def fit(self) -> list[dict[str, Any]]:
         """Run the remaining pretraining and SVI epochs; return the history."""
         c = self.config
-        total = c.pretrain_epochs + c.epochs
+        total = c.pretrain_epochs + c.epochs + c.finetune_epochs
         done = self.pretrain_done + self.svi_done
         bar = tqdm(
             total=total, initial=done, desc="epochs", disable=not self.progress or None, unit="ep"
@@ -322,8 +339,9 @@ class Trainer:
                 record = self._pretrain_epoch(self.pretrain_done)
                 self.pretrain_done += 1
                 self._end_epoch(record, bar)
-            while self.svi_done < c.epochs:
-                record = self._svi_epoch(self.svi_done)
+            while self.svi_done < c.epochs + c.finetune_epochs:
+                prune = c.prune_criterion is not None and self.svi_done < c.epochs
+                record = self._svi_epoch(self.svi_done, prune)
                 self.svi_done += 1
                 self._end_epoch(record, bar)
         finally:
@@ -381,7 +399,7 @@ class Trainer:
             "seconds": time.perf_counter() - start,
         }
 
-    def _svi_epoch(self, epoch: int) -> dict:
+    def _svi_epoch(self, epoch: int, prune: bool = False) -> dict:
         set_gates_enabled(self.net, True)
         self.net.train()
         start = time.perf_counter()
@@ -395,10 +413,21 @@ class Trainer:
             self.global_step += 1
             total += loss
         self.guide.update_gates()
+        record = {}
+        if prune:
+            from pyro_sbp.reduction import apply_masks, compute_masks
+
+            result = compute_masks(self.net, self.guide, self.config.prune_criterion)
+            apply_masks(self.net, result)
+            record["criterion"] = self.config.prune_criterion
+        if self.config.prune_criterion is not None:
+            kept = {site: int(g.mask.sum()) for site, g in named_gates(self.net)}
+        else:
+            kept = units_kept_snr(self.guide)
         acc = evaluate(self.net, self._eval_loader(), self.device)
-        kept = units_kept_snr(self.guide)
-        return {
-            "phase": "svi",
+        finetune = epoch >= self.config.epochs
+        return record | {
+            "phase": "finetune" if finetune else "svi",
             "epoch": epoch + 1,
             # The negative ELBO of the whole data set (summed over the epoch's minibatches,
             # each an unbiased estimate of it, divided by their number).

@@ -1,0 +1,31 @@
+"""Bayesian Model Reduction and the baseline criteria: which units can go."""
+
+from pyro_sbp.reduction.criteria import (
+    CRITERIA_HELP,
+    LayerPruning,
+    PruningResult,
+    apply_masks,
+    compute_masks,
+    parse_criterion,
+)
+from pyro_sbp.reduction.delta_f import (
+    delta_f,
+    delta_f_monte_carlo,
+    expected_theta,
+    register_delta_f,
+    snr,
+)
+
+__all__ = [
+    "CRITERIA_HELP",
+    "LayerPruning",
+    "PruningResult",
+    "apply_masks",
+    "compute_masks",
+    "delta_f",
+    "delta_f_monte_carlo",
+    "expected_theta",
+    "parse_criterion",
+    "register_delta_f",
+    "snr",
+]

@@ -1,0 +1,266 @@
+"""Named pruning criteria: guide statistics -> per-unit scores -> keep-masks.
+
+=====================  ==========================================================================
+criterion              keeps a unit iff
+=====================  ==========================================================================
+``bmrs-n``             :math:`\\Delta F < 0` for the reduced prior
+                       :math:`\\mathrm{LogN}_{[a,b]}(a, (10^{-6})^2)` (BMRS_N: "theta pinned at
+                       its lower bound")
+``bmrs-u:P``           :math:`\\Delta F < 0` for :math:`\\mathrm{LogU}` on
+                       :math:`[2^{-23}, 2^{-P}]` (BMRS_U-P, the published criterion)
+``bmrs-u-low:P``       the same on :math:`[e^{a}, 2^{-P}]`: "anything below :math:`2^{-P}` is off"
+                       (also removes units whose posterior collapsed below :math:`2^{-23}`)
+``snr:T``              :math:`\\mathbb E[\\theta]/\\mathrm{sd}[\\theta] > T` (SBP uses ``snr:1``)
+``mean:T``             :math:`\\mathbb E[\\theta] > T`
+``l2:T``               the L2 norm of the unit's incoming weights exceeds ``T``
+``match:BASE:TARGET``  ``BASE`` (``snr``, ``mean`` or ``l2``) with the global threshold that
+                       removes as many units as ``TARGET`` (any criterion above) does
+=====================  ==========================================================================
+
+BMRS criteria need no threshold. Masks are cumulative: a unit removed before stays removed.
+Scores are computed in float64 on the CPU, so the units kept do not depend on the device or on
+the batch size of training.
+"""
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from pyro_sbp.distributions import TruncatedLogNormal, TruncatedLogUniform
+from pyro_sbp.models import gated_layer_name, named_gates
+from pyro_sbp.reduction.delta_f import delta_f, snr
+
+#: The reduced prior's scale for BMRS_N (on log theta).
+BMRS_N_SCALE = 1e-6
+#: log 2^-23: the float32 mantissa, the published lower end of BMRS_U's reduced prior.
+BMRS_U_LOW = 2.0**-23
+
+CRITERIA_HELP = (
+    "bmrs-n, bmrs-u:P, bmrs-u-low:P, snr:T, mean:T, l2:T, match:BASE:TARGET "
+    "(BASE one of snr, mean, l2; TARGET any other criterion), e.g. bmrs-u:4, snr:1, "
+    "match:snr:bmrs-n"
+)
+
+_NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
+
+
+@dataclass
+class LayerPruning:
+    """The decision for one gated layer: a score per unit and which units are kept."""
+
+    site: str
+    scores: Tensor
+    keep: Tensor
+
+    @property
+    def units_before(self) -> int:
+        return int(self.keep.numel())
+
+    @property
+    def units_after(self) -> int:
+        return int(self.keep.sum())
+
+    def to_dict(self) -> dict:
+        return {
+            "units_before": self.units_before,
+            "units_after": self.units_after,
+            "scores": [float(s) for s in self.scores],
+            "keep": [bool(k) for k in self.keep],
+        }
+
+
+@dataclass
+class PruningResult:
+    """Keep-masks for every gate, with the scores that decided them.
+
+    ``score_name`` says what the scores are (``delta_f``: a unit is kept iff its score is
+    negative; otherwise a unit is kept iff its score exceeds ``threshold``).
+    """
+
+    criterion: str
+    score_name: str
+    layers: dict[str, LayerPruning] = field(default_factory=dict)
+    threshold: float | None = None
+
+    @property
+    def units_before(self) -> int:
+        return sum(lp.units_before for lp in self.layers.values())
+
+    @property
+    def units_after(self) -> int:
+        return sum(lp.units_after for lp in self.layers.values())
+
+    @property
+    def fraction_removed(self) -> float:
+        return 1.0 - self.units_after / max(self.units_before, 1)
+
+    def masks(self) -> dict[str, Tensor]:
+        return {site: lp.keep.clone() for site, lp in self.layers.items()}
+
+    def to_dict(self) -> dict:
+        return {
+            "criterion": self.criterion,
+            "score": self.score_name,
+            "threshold": self.threshold,
+            "units_before": self.units_before,
+            "units_after": self.units_after,
+            "fraction_removed": self.fraction_removed,
+            "layers": {site: lp.to_dict() for site, lp in self.layers.items()},
+        }
+
+    def summary(self) -> str:
+        rows = [f"{'layer':<24} {'before':>7} {'after':>7}"]
+        for site, lp in self.layers.items():
+            rows.append(f"{site:<24} {lp.units_before:>7} {lp.units_after:>7}")
+        rows.append(
+            f"{'total':<24} {self.units_before:>7} {self.units_after:>7}"
+            f"   ({100 * self.fraction_removed:.1f}% removed, {self.criterion})"
+        )
+        return "\n".join(rows)
+
+
+def _posteriors64(guide) -> dict[str, tuple[TruncatedLogNormal, float, float]]:
+    """Every gate's posterior in float64 on the CPU, with the gate's bounds."""
+    out = {}
+    with torch.no_grad():
+        for site, gate in guide._gates:
+            loc, log_scale = guide.params(site)
+            q = TruncatedLogNormal(
+                loc.detach().cpu().double(),
+                log_scale.detach().cpu().double().exp(),
+                gate.low,
+                gate.high,
+                validate_args=False,
+            )
+            out[site] = (q, gate.low, gate.high)
+    return out
+
+
+def _l2_scores(net: nn.Module, site: str) -> Tensor:
+    layer = net.get_submodule(gated_layer_name(site))
+    w = layer.weight.detach().cpu().double()
+    return w.reshape(w.shape[0], -1).norm(dim=1)
+
+
+def _scores(name: str, arg: float | None, net, guide) -> tuple[str, dict[str, Tensor]]:
+    posts = _posteriors64(guide)
+    f64 = torch.float64
+    if name == "bmrs-n":
+        out = {}
+        for site, (q, lo, hi) in posts.items():
+            n = q.loc.shape[0]
+            prior = TruncatedLogUniform(torch.tensor(lo, dtype=f64), hi).expand([n])
+            reduced = TruncatedLogNormal(
+                torch.tensor(math.log(lo), dtype=f64), BMRS_N_SCALE, lo, hi, validate_args=False
+            ).expand([n])
+            out[site] = delta_f(q, prior, reduced)
+        return "delta_f", out
+    if name in ("bmrs-u", "bmrs-u-low"):
+        out = {}
+        for site, (q, lo, hi) in posts.items():
+            n = q.loc.shape[0]
+            low = BMRS_U_LOW if name == "bmrs-u" else lo
+            high = 2.0 ** -float(arg)
+            if not lo <= low < high <= hi:
+                raise ValueError(
+                    f"{name}:{arg:g}: the reduced prior [{low:.3g}, {high:.3g}] must lie inside "
+                    f"the gate's bounds [{lo:.3g}, {hi:.3g}]"
+                )
+            prior = TruncatedLogUniform(torch.tensor(lo, dtype=f64), hi).expand([n])
+            reduced = TruncatedLogUniform(torch.tensor(low, dtype=f64), high).expand([n])
+            out[site] = delta_f(q, prior, reduced)
+        return "delta_f", out
+    if name == "snr":
+        return "snr", {site: snr(q) for site, (q, _, _) in posts.items()}
+    if name == "mean":
+        return "mean", {site: q.mean for site, (q, _, _) in posts.items()}
+    if name == "l2":
+        return "l2", {site: _l2_scores(net, site) for site in posts}
+    raise AssertionError(name)
+
+
+def parse_criterion(criterion: str) -> tuple[str, float | None, str | None]:
+    """``(name, argument, match target)``; ValueError listing the valid criteria otherwise."""
+    c = criterion.strip().lower()
+    if c == "bmrs-n":
+        return "bmrs-n", None, None
+    m = re.fullmatch(r"(bmrs-u|bmrs-u-low):" + _NUMBER, c)
+    if m:
+        return m.group(1), float(m.group(2)), None
+    m = re.fullmatch(r"(snr|mean|l2):" + _NUMBER, c)
+    if m:
+        return m.group(1), float(m.group(2)), None
+    m = re.fullmatch(r"match:(snr|mean|l2):(.+)", c)
+    if m:
+        target = m.group(2)
+        if target.startswith("match:"):
+            raise ValueError(f"match: cannot target another match: {criterion!r}")
+        parse_criterion(target)
+        return "match", None, m.group(1) + "|" + target
+    raise ValueError(f"unknown pruning criterion {criterion!r}; valid: {CRITERIA_HELP}")
+
+
+def compute_masks(net: nn.Module, guide, criterion: str) -> PruningResult:
+    """Keep-masks for every gate of ``net`` under ``criterion`` (see the module's table).
+
+    The masks already on the gates are respected: a unit removed before stays removed.
+
+    :param net: the gated network.
+    :param guide: its fitted :class:`~pyro_sbp.guides.SBPGuide`.
+    :param str criterion: e.g. ``"bmrs-n"``, ``"bmrs-u:4"``, ``"snr:1"``, ``"match:snr:bmrs-n"``.
+    """
+    name, arg, target = parse_criterion(criterion)
+    previous = {site: gate.mask.detach().cpu() > 0 for site, gate in named_gates(net)}
+    result = PruningResult(criterion=criterion, score_name="")
+    if name == "match":
+        base, target_criterion = target.split("|", 1)
+        wanted = compute_masks(net, guide, target_criterion)
+        score_name, scores = _scores(base, None, net, guide)
+        # Remove, among the units still in, the ones with the lowest scores, as many as the
+        # target criterion removes (ties broken by position, deterministically).
+        flat = torch.cat([scores[s].masked_fill(~previous[s], -math.inf) for s in scores])
+        n_remove = wanted.units_before - wanted.units_after
+        order = torch.sort(flat, stable=True).indices
+        keep_flat = torch.ones_like(flat, dtype=torch.bool)
+        keep_flat[order[:n_remove]] = False
+        keep_flat &= torch.cat([previous[s] for s in scores])
+        threshold = float(flat[order[n_remove - 1]]) if n_remove > 0 else None
+        result.score_name, result.threshold = score_name, threshold
+        start = 0
+        for site, sc in scores.items():
+            n = sc.numel()
+            result.layers[site] = LayerPruning(site, sc, keep_flat[start : start + n].clone())
+            start += n
+        return result
+    score_name, scores = _scores(name, arg, net, guide)
+    result.score_name = score_name
+    if score_name == "delta_f":
+        # Removed iff the reduced model has at least the evidence of the full one.
+        for site, sc in scores.items():
+            result.layers[site] = LayerPruning(site, sc, (sc < 0) & previous[site])
+    else:
+        result.threshold = arg
+        for site, sc in scores.items():
+            result.layers[site] = LayerPruning(site, sc, (sc > arg) & previous[site])
+    return result
+
+
+@torch.no_grad()
+def apply_masks(net: nn.Module, masks: dict[str, Tensor] | PruningResult) -> None:
+    """Write keep-masks into the gates of ``net`` (removed units become exactly zero)."""
+    if isinstance(masks, PruningResult):
+        masks = masks.masks()
+    gates = dict(named_gates(net))
+    unknown = set(masks) - set(gates)
+    if unknown:
+        raise ValueError(f"masks for unknown gate sites {sorted(unknown)}; gates: {list(gates)}")
+    for site, keep in masks.items():
+        gate = gates[site]
+        if keep.shape != (gate.num_units,):
+            raise ValueError(
+                f"mask for {site!r} has shape {tuple(keep.shape)}, expected ({gate.num_units},)"
+            )
+        gate.mask.copy_(keep.to(gate.mask))

@@ -1,0 +1,162 @@
+"""Pruning criteria on a trained toy model: masks, matching, errors, pruning during training."""
+
+import json
+
+import pyro
+import pytest
+import torch
+
+from pyro_sbp.cli import main
+from pyro_sbp.infer import TrainConfig, Trainer
+from pyro_sbp.models import named_gates
+from pyro_sbp.reduction import apply_masks, compute_masks, parse_criterion
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    out = tmp_path_factory.mktemp("run")
+    config = TrainConfig(epochs=12, pretrain_epochs=4, batch_size=64, gate_lr=0.05)
+    trainer = Trainer(config, out, progress=False)
+    trainer.fit()
+    return trainer, out
+
+
+def _reload(out):
+    pyro.clear_param_store()
+    return Trainer.from_run(out)
+
+
+CRITERIA = [
+    "bmrs-n",
+    "bmrs-u:8",
+    "bmrs-u:4",
+    "bmrs-u-low:4",
+    "snr:1",
+    "mean:0.1",
+    "l2:1",
+    "match:snr:bmrs-u:4",
+    "match:mean:bmrs-u:4",
+    "match:l2:bmrs-u:4",
+]
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_masks_have_the_gates_shapes_and_say_why(trained, criterion):
+    _, out = trained
+    trainer = _reload(out)
+    result = compute_masks(trainer.net, trainer.guide, criterion)
+    gates = dict(named_gates(trainer.net))
+    assert list(result.layers) == list(gates)
+    for site, lp in result.layers.items():
+        assert lp.keep.shape == lp.scores.shape == (gates[site].num_units,)
+        assert lp.keep.dtype == torch.bool
+        if result.score_name == "delta_f":
+            assert torch.equal(lp.keep, lp.scores < 0)
+        elif not criterion.startswith("match"):
+            assert torch.equal(lp.keep, lp.scores > float(criterion.split(":")[1]))
+    d = result.to_dict()
+    assert d["units_before"] == sum(g.num_units for g in gates.values())
+    json.dumps(d)
+
+
+def test_snr_criterion_agrees_with_the_guide(trained):
+    _, out = trained
+    trainer = _reload(out)
+    result = compute_masks(trainer.net, trainer.guide, "snr:1")
+    for site, snr in trainer.guide.snr().items():
+        assert torch.equal(result.layers[site].keep, (snr > 1).cpu())
+
+
+@pytest.mark.parametrize("base", ["snr", "mean", "l2"])
+def test_match_hits_the_target_fraction(trained, base):
+    _, out = trained
+    trainer = _reload(out)
+    target = compute_masks(trainer.net, trainer.guide, "bmrs-u:4")
+    assert 0 < target.fraction_removed < 1, "the toy run should prune some units"
+    matched = compute_masks(trainer.net, trainer.guide, f"match:{base}:bmrs-u:4")
+    assert matched.units_after == target.units_after
+    # Every removed unit scores at most the threshold, every kept one at least.
+    for lp in matched.layers.values():
+        assert (lp.scores[~lp.keep] <= matched.threshold).all()
+        assert (lp.scores[lp.keep] >= matched.threshold).all()
+
+
+def test_masks_are_cumulative_and_zero_the_units(trained):
+    _, out = trained
+    trainer = _reload(out)
+    site, gate = next(iter(named_gates(trainer.net)))
+    forced = {s: torch.ones(g.num_units, dtype=torch.bool) for s, g in named_gates(trainer.net)}
+    forced[site][:3] = False
+    apply_masks(trainer.net, forced)
+    result = compute_masks(trainer.net, trainer.guide, "snr:0")
+    assert not result.layers[site].keep[:3].any()
+    assert gate.mask[:3].eq(0).all()
+
+
+def test_masks_do_not_depend_on_precision_or_device_of_the_parameters(trained):
+    _, out = trained
+    trainer = _reload(out)
+    first = compute_masks(trainer.net, trainer.guide, "bmrs-n").masks()
+    store = pyro.get_param_store()
+    for name in list(store.keys()):
+        if name.endswith((".gate.loc", ".gate.log_scale")):
+            store[name] = store[name].detach().double()
+    second = compute_masks(trainer.net, trainer.guide, "bmrs-n").masks()
+    assert all(torch.equal(first[s], second[s]) for s in first)
+
+
+@pytest.mark.parametrize("bad", ["bogus", "snr", "bmrs-u", "match:snr", "match:foo:bmrs-n", "l2:x"])
+def test_unknown_criterion_lists_the_valid_ones(bad):
+    with pytest.raises(ValueError, match="valid: bmrs-n, bmrs-u:P"):
+        parse_criterion(bad)
+
+
+def test_bad_masks_are_refused(trained):
+    _, out = trained
+    trainer = _reload(out)
+    site, gate = next(iter(named_gates(trainer.net)))
+    with pytest.raises(ValueError, match="expected"):
+        apply_masks(trainer.net, {site: torch.ones(gate.num_units + 1)})
+    with pytest.raises(ValueError, match="unknown gate"):
+        apply_masks(trainer.net, {"nope.gate": torch.ones(3)})
+
+
+def test_prune_command_writes_masks_and_summary(trained, capsys):
+    _, out = trained
+    pyro.clear_param_store()
+    assert main(["prune", str(out), "--criterion", "bmrs-u:4"]) == 0
+    summary = json.loads((out / "pruning.json").read_text())
+    masks = torch.load(out / "masks.pt")
+    assert summary["criterion"] == "bmrs-u:4"
+    for site, layer in summary["layers"].items():
+        assert layer["units_after"] == int(masks[site].sum())
+        assert len(layer["scores"]) == layer["units_before"]
+    assert "removed" in capsys.readouterr().out
+    assert main(["prune", str(out), "--criterion", "nope"]) == 2
+    assert "valid:" in capsys.readouterr().err
+
+
+def test_pruning_during_training_then_finetuning():
+    pyro.set_rng_seed(0)
+    config = TrainConfig(
+        epochs=8,
+        pretrain_epochs=3,
+        finetune_epochs=2,
+        batch_size=64,
+        gate_lr=0.1,
+        prune_criterion="bmrs-u:4",
+    )
+    trainer = Trainer(config, None, progress=False)
+    history = trainer.fit()
+    svi = [r for r in history if r["phase"] == "svi"]
+    finetune = [r for r in history if r["phase"] == "finetune"]
+    assert len(svi) == 8 and len(finetune) == 2
+    kept = [sum(r["units_kept"].values()) for r in svi]
+    assert all(b <= a for a, b in zip(kept, kept[1:], strict=False)), kept
+    assert kept[-1] < 150, "some units should have been pruned"
+    # Frozen masks in fine-tuning; masked units are off.
+    assert finetune[0]["units_kept"] == finetune[-1]["units_kept"] == svi[-1]["units_kept"]
+    masks = {s: g.mask.sum().item() for s, g in named_gates(trainer.net)}
+    assert masks == svi[-1]["units_kept"]

@@ -147,6 +147,99 @@ def _run_prune(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export the full and the pruned network as TorchScript",
+        description=(
+            "Write full.pt (the unpruned network with E[theta] folded in) and pruned.pt (the "
+            "removed units physically gone) as TorchScript into the run directory. The masks "
+            "come from masks.pt (written by `pyro-sbp prune`), else from --criterion."
+        ),
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--criterion", default=None, help="prune with this criterion first")
+
+
+def _load_for_export(run_dir: str, criterion: str | None):
+    import torch
+
+    from pyro_sbp.infer import Trainer
+    from pyro_sbp.reduction import apply_masks, compute_masks
+
+    trainer = Trainer.from_run(run_dir)
+    trainer.guide.update_gates()
+    masks_path = Path(run_dir) / "masks.pt"
+    if criterion is not None:
+        apply_masks(trainer.net, compute_masks(trainer.net, trainer.guide, criterion))
+    elif masks_path.exists():
+        apply_masks(trainer.net, torch.load(masks_path))
+    else:
+        raise FileNotFoundError(
+            f"no masks.pt in {run_dir}: run `pyro-sbp prune {run_dir}` or pass --criterion"
+        )
+    return trainer
+
+
+def _run_export(args) -> int:
+    from pyro_sbp.export import count_parameters, export_full, export_pruned, save_torchscript
+
+    trainer = _load_for_export(args.run_dir, args.criterion)
+    shape = trainer.input_shape
+    trainer.net.cpu()
+    full = export_full(trainer.net, shape)
+    pruned = export_pruned(trainer.net, shape)
+    run = Path(args.run_dir)
+    save_torchscript(full, run / "full.pt")
+    save_torchscript(pruned, run / "pruned.pt")
+    print(
+        f"wrote {run / 'full.pt'} ({count_parameters(full):,} parameters) and "
+        f"{run / 'pruned.pt'} ({count_parameters(pruned):,} parameters); inputs {list(shape)} "
+        "in [0, 1]"
+    )
+    return 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="parameters, FLOPs and latency of the full and the pruned network",
+        description=(
+            "Time full.pt against pruned.pt (written by `pyro-sbp export`) with "
+            "torch.utils.benchmark at several batch sizes; print a table and write bench.json."
+        ),
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--device", action="append", default=None, help="cpu (default) or cuda")
+    p.add_argument("--batch-sizes", default="1,64,256", help="comma-separated")
+    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
+
+
+def _run_bench(args) -> int:
+    import torch
+
+    from pyro_sbp.export import compare, format_table, load_torchscript
+    from pyro_sbp.infer.checkpoint import load_checkpoint, write_text_atomic
+
+    run = Path(args.run_dir)
+    for name in ("full.pt", "pruned.pt"):
+        if not (run / name).exists():
+            raise FileNotFoundError(f"no {name} in {run}: run `pyro-sbp export {run}` first")
+    devices = args.device or ["cpu"]
+    for d in devices:
+        if d.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was asked for but CUDA is not available here")
+    shape = tuple(load_checkpoint(run)["input_shape"])
+    full = load_torchscript(run / "full.pt")
+    pruned = load_torchscript(run / "pruned.pt")
+    sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    result = compare(full, pruned, shape, sizes, devices, args.min_run_time)
+    write_text_atomic(json.dumps(result, indent=1) + "\n", run / "bench.json")
+    print(format_table(result))
+    print(f"wrote {run / 'bench.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyro-sbp",
@@ -155,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_prune(sub)
+    _add_export(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -166,6 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_train(args)
         if args.command == "prune":
             return _run_prune(args)
+        if args.command == "export":
+            return _run_export(args)
+        if args.command == "bench":
+            return _run_bench(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"pyro-sbp {args.command}: error: {e}", file=sys.stderr)
         return 2

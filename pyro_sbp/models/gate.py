@@ -59,6 +59,8 @@ class SBPGate(PyroModule):
         self.high = float(high)
         self.kl_scale = 1.0
         self.enabled = True
+        # Set by make_prunable: whether the gate acts after a BatchNorm (else before the bias).
+        self.after_norm = False
         self.register_buffer("mask", torch.ones(num_units))
         self.register_buffer("theta_mean", torch.ones(num_units))
 

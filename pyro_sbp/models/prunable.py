@@ -107,6 +107,7 @@ def make_prunable(
         units = _num_units(layer)
         layer.gate = SBPGate(units, low, high)
         norm = _following_norm(net, name, units)
+        layer.gate.after_norm = norm is not None
         if norm is None:
             layer.register_forward_hook(_gate_before_bias)
         else:

@@ -1,5 +1,6 @@
 """Pruning criteria on a trained toy model: masks, matching, errors, pruning during training."""
 
+import itertools
 import json
 
 import pyro
@@ -154,7 +155,7 @@ def test_pruning_during_training_then_finetuning():
     finetune = [r for r in history if r["phase"] == "finetune"]
     assert len(svi) == 8 and len(finetune) == 2
     kept = [sum(r["units_kept"].values()) for r in svi]
-    assert all(b <= a for a, b in zip(kept, kept[1:], strict=False)), kept
+    assert all(b <= a for a, b in itertools.pairwise(kept)), kept
     assert kept[-1] < 150, "some units should have been pruned"
     # Frozen masks in fine-tuning; masked units are off.
     assert finetune[0]["units_kept"] == finetune[-1]["units_kept"] == svi[-1]["units_kept"]

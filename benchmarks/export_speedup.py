@@ -1,0 +1,105 @@
+"""Realised CPU speed-up of exported (physically smaller) networks against their FLOPs reduction.
+
+Two cases from the SBP paper, with random weights (speed does not depend on them):
+
+* LeNet5-Caffe (conv 20, conv 50, fc 500) pruned to SBP's 3 and 18 channels and 283 neurons
+  (the paper's 3-18-284-283 also removes single inputs of fc1; channel gates remove whole
+  4x4 blocks, so fc1 keeps 18 x 16 = 288 inputs here);
+* LeNet-500-300 pruned to 160 and 55 neurons (the paper's 245-160-55 also removes input pixels,
+  which the gates here do not).
+
+Each network is made prunable, given random masks with exactly those widths and random gate
+means, and exported with :func:`pyro_sbp.export.export_pruned`; the full network is
+:func:`~pyro_sbp.export.export_full` of the same gated network. Both are timed with
+``torch.utils.benchmark`` (median), alternately, at batch 256 and 4096 on the CPU, and the
+exported network is checked against the gated one first. Writes
+``benchmarks/results/export_speedup.json`` with a list ``cases`` (``name``, ``batch_size``,
+``flops_reduction``, ``speedup``, ...). Target: ``speedup >= 0.8 * flops_reduction`` in every
+case.
+
+    python benchmarks/export_speedup.py [--min-run-time 2]
+"""
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from pyro_sbp.export import compare, export_full, export_pruned
+from pyro_sbp.models import build_network, make_prunable, named_gates
+
+RESULTS = Path(__file__).parent / "results" / "export_speedup.json"
+
+CASES = {
+    "lenet5-caffe": {"features.0.gate": 3, "features.3.gate": 18, "classifier.1.gate": 283},
+    "lenet-500-300": {"classifier.1.gate": 160, "classifier.3.gate": 55},
+}
+
+
+def _pruned_network(name: str, widths: dict[str, int], seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    net = make_prunable(build_network(name))
+    for site, gate in named_gates(net):
+        keep = torch.zeros(gate.num_units)
+        keep[torch.randperm(gate.num_units, generator=g)[: widths[site]]] = 1.0
+        gate.mask.copy_(keep)
+        gate.theta_mean.copy_(torch.rand(gate.num_units, generator=g) * 0.9 + 0.1)
+    net.eval()
+    shape = tuple(net.input_shape)
+    full, pruned = export_full(net, shape), export_pruned(net, shape)
+    x = torch.rand(64, *shape, generator=g)
+    with torch.no_grad():
+        err = (pruned(x) - net(x)).abs().max().item()
+    assert err < 1e-5, f"{name}: exported network differs from the gated one by {err}"
+    return full, pruned, shape
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--min-run-time", type=float, default=2.0)
+    parser.add_argument("--batch-sizes", default="256,4096")
+    args = parser.parse_args()
+    sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    cases = []
+    for name, widths in CASES.items():
+        full, pruned, shape = _pruned_network(name, widths)
+        result = compare(full, pruned, shape, sizes, ("cpu",), args.min_run_time)
+        for lat in result["latency"]:
+            cases.append(
+                {
+                    "name": name,
+                    "widths": widths,
+                    "batch_size": lat["batch_size"],
+                    "flops_full": result["flops_full"],
+                    "flops_pruned": result["flops_pruned"],
+                    "flops_reduction": result["flops_reduction"],
+                    "params_full": result["params_full"],
+                    "params_pruned": result["params_pruned"],
+                    "full_median_s": lat["full_median_s"],
+                    "pruned_median_s": lat["pruned_median_s"],
+                    "speedup": lat["speedup"],
+                    "speedup_over_flops": lat["speedup"] / result["flops_reduction"],
+                }
+            )
+            print(
+                f"{name:<14} batch {lat['batch_size']:>5}: FLOPs {result['flops_reduction']:.2f}x "
+                f"fewer, {lat['speedup']:.2f}x faster "
+                f"({lat['speedup'] / result['flops_reduction']:.2f} of the FLOPs reduction)"
+            )
+    out = {
+        "cases": cases,
+        "target": "speedup >= 0.8 * flops_reduction in every case",
+        "met": all(c["speedup_over_flops"] >= 0.8 for c in cases),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"target met: {out['met']}; wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,407 @@
+"""Export a gated network as a plain, physically smaller ``torch.nn.Module``."""
+
+import copy
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from pyro.nn import PyroModule
+from torch import Tensor, nn
+
+from pyro_sbp.models.gate import SBPGate
+from pyro_sbp.models.nets import Normalize
+from pyro_sbp.models.prunable import named_gates
+
+_LAYERS = (nn.Linear, nn.Conv2d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+# Modules that act on each channel separately (and map a constant channel to a constant).
+_CHANNELWISE = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.Identity,
+    nn.Dropout,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+class InputNormalization(nn.Module):
+    """``(x - mean) / std`` with the statistics laid out in the input's own shape (scriptable)."""
+
+    def __init__(self, mean: Tensor, std: Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean.unsqueeze(0).clone())
+        self.register_buffer("std", std.unsqueeze(0).clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+@torch.no_grad()
+def _export_normalize(m: nn.Module, input_shape: tuple[int, ...]) -> InputNormalization:
+    mean = m.mean.detach().cpu()
+    std = m.std.detach().cpu()
+    n = mean.numel()
+    size = int(torch.tensor(input_shape).prod().item())
+    if n == 1:
+        full_mean, full_std = mean.expand(size), std.expand(size)
+    elif input_shape[0] == n:
+        per = size // n
+        full_mean, full_std = mean.repeat_interleave(per), std.repeat_interleave(per)
+    elif len(input_shape) == 1 and input_shape[0] % n == 0:
+        per = input_shape[0] // n
+        full_mean, full_std = mean.repeat_interleave(per), std.repeat_interleave(per)
+    else:
+        raise ValueError(f"normalisation of {n} channels does not fit inputs of {input_shape}")
+    return InputNormalization(full_mean.reshape(input_shape), full_std.reshape(input_shape))
+
+
+def _plain_class(module: nn.Module) -> type:
+    cls = type(module)
+    if isinstance(module, PyroModule):
+        for base in cls.__mro__[1:]:
+            if issubclass(base, nn.Module) and not issubclass(base, PyroModule):
+                return base
+    return cls
+
+
+def _plain_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of a leaf module as its plain torch class, without Pyro state or hooks."""
+    new = copy.deepcopy(module)
+    new.__class__ = _plain_class(module)
+    for attr in ("_pyro_name", "_pyro_context", "_pyro_params", "_pyro_samples", "_sbp_gate"):
+        new.__dict__.pop(attr, None)
+    new._forward_hooks.clear()
+    new._forward_pre_hooks.clear()
+    new._modules.pop("gate", None)
+    return new
+
+
+class _Flow:
+    """What is known of the tensor between two modules: which channels (or features) of the
+    original network are still present, and the constant value of each removed one."""
+
+    def __init__(self, n: int, dtype):
+        self.keep = torch.arange(n)
+        self.removed = torch.zeros(0, dtype=torch.long)
+        self.const = torch.zeros(0, dtype=dtype)
+
+    def set(self, keep: Tensor, n: int, const_removed: Tensor) -> None:
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[keep] = True
+        self.keep = keep
+        self.removed = (~mask).nonzero().squeeze(-1)
+        self.const = const_removed
+
+
+def _fold_inputs(weight: Tensor, bias: Tensor | None, flow: _Flow, out_features: int):
+    """Select the kept input columns; fold the removed inputs' constants into the bias."""
+    w = weight.index_select(1, flow.keep)
+    b = torch.zeros(out_features, dtype=weight.dtype) if bias is None else bias.clone()
+    if flow.removed.numel() and bool((flow.const != 0).any()):
+        w_removed = weight.index_select(1, flow.removed)
+        b = b + (w_removed * flow.const.reshape((1, -1) + (1,) * (weight.dim() - 2))).sum(
+            dim=tuple(range(1, weight.dim()))
+        )
+    return w, b
+
+
+@torch.no_grad()
+def _leaf_shapes(net: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Each leaf module's input shape (one example), from one forward pass in evaluation mode."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+
+    def record(name):
+        def hook(_module, inputs):
+            shapes.setdefault(name, tuple(inputs[0].shape[1:]))
+
+        return hook
+
+    for name, m in _leaves(net):
+        handles.append(m.register_forward_pre_hook(record(name)))
+    was_training = net.training
+    net.eval()
+    param = next(net.parameters())
+    try:
+        net(torch.zeros((1, *input_shape), dtype=param.dtype, device=param.device))
+    finally:
+        net.train(was_training)
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def _leaves(net: nn.Module) -> list[tuple[str, nn.Module]]:
+    out = []
+    for name, m in net.named_modules():
+        if isinstance(m, SBPGate) or not name:
+            continue
+        if not list(c for c in m.children() if not isinstance(c, SBPGate)):
+            out.append((name, m))
+    return out
+
+
+def _check_sequential(net: nn.Module) -> None:
+    for name, m in net.named_modules():
+        children = [c for c in m.children() if not isinstance(c, SBPGate)]
+        if children and not isinstance(m, nn.Sequential):
+            raise NotImplementedError(
+                f"export follows nn.Sequential containers only; {name or 'the network'!r} is a "
+                f"{type(m).__name__} with submodules"
+            )
+
+
+@torch.no_grad()
+def export_pruned(
+    net: nn.Module,
+    input_shape: tuple[int, ...],
+    masks: dict[str, Tensor] | None = None,
+) -> nn.Module:
+    r"""A plain ``nn.Module`` computing what the gated ``net`` computes in evaluation mode, with
+    the removed neurons and channels physically gone.
+
+    Each gated layer keeps the rows (output channels) of its kept units, with the gate's value
+    :math:`g_j = \mathbb E_q[\theta_j]` (the gate's ``theta_mean``) folded in: into the weights
+    when the gate sits before the bias (:math:`W'_j = g_j W_j`), into the following BatchNorm's
+    affine parameters when it sits after the norm (:math:`\gamma'_j = g_j\gamma_j`,
+    :math:`\beta'_j = g_j\beta_j`). The next layer keeps the matching input columns; through
+    ``Flatten`` a channel maps to its block of flattened features. A removed unit outputs a
+    constant (0 after the mask, then whatever the channel-wise modules make of 0), which is
+    folded into the next layer's bias, so nothing is multiplied at run time that the gated
+    network did not. A layer whose units are all removed keeps one dead unit (zero weights) so
+    that the network still runs; the classifier's outputs are never removed.
+
+    The input normalisation stays the first module: the exported network takes the data set's
+    inputs as they are (images in [0, 1]).
+
+    :param net: a network made prunable, with ``theta_mean`` set on its gates
+        (:meth:`~pyro_sbp.guides.SBPGuide.update_gates`).
+    :param input_shape: the shape of one input, e.g. ``(1, 28, 28)``.
+    :param masks: keep-masks by gate site; the gates' own masks when ``None``.
+    :return: a plain ``nn.Sequential`` (in evaluation mode) mirroring ``net``'s containers.
+    """
+    _check_sequential(net)
+    gates = dict(named_gates(net))
+    if masks is not None:
+        unknown = set(masks) - set(gates)
+        if unknown:
+            raise ValueError(
+                f"masks for unknown gate sites {sorted(unknown)}; gates: {list(gates)}"
+            )
+        for site, m in masks.items():
+            if tuple(m.shape) != (gates[site].num_units,):
+                raise ValueError(
+                    f"mask for {site!r} has shape {tuple(m.shape)}, expected "
+                    f"({gates[site].num_units},)"
+                )
+    shapes = _leaf_shapes(net, tuple(input_shape))
+    leaves = _leaves(net)
+    dtype = next(net.parameters()).dtype
+    gate_of_layer = {}
+    gate_after = {}
+    for site, gate in gates.items():
+        layer_name = site.rpartition(".")[0]
+        gate_of_layer[layer_name] = (site, gate)
+    for name, m in leaves:
+        g = getattr(m, "_sbp_gate", None)
+        if g is not None:
+            gate_after[name] = g
+    # The classifier: the last Linear, never gated.
+    classifier = [n for n, m in leaves if isinstance(m, nn.Linear)][-1]
+    if classifier in gate_of_layer:
+        raise ValueError(f"the classifier {classifier!r} is gated: its outputs cannot be removed")
+
+    flow = _Flow(int(torch.tensor(input_shape[:1]).item()), dtype)
+    new_leaves: dict[str, nn.Module] = {}
+    pending: tuple[Tensor, Tensor] | None = None  # (kept units, their gate) for a following norm
+    for name, m in leaves:
+        shape = shapes.get(name)
+        if shape is None:
+            raise RuntimeError(f"module {name!r} is not reached by the forward pass")
+        if isinstance(m, _LAYERS):
+            new, pending = _export_layer(name, m, flow, gate_of_layer.get(name), masks, shape)
+        elif isinstance(m, _NORMS):
+            new = _export_norm(name, m, flow, gate_after.get(name), pending, masks)
+            pending = None
+        elif isinstance(m, nn.Flatten):
+            new = _plain_copy(m)
+            _flatten_flow(flow, shape, m)
+        elif isinstance(m, _CHANNELWISE):
+            new = _plain_copy(m).eval()
+            if flow.const.numel() and not isinstance(m, _POOLS):
+                # Pooling a constant channel leaves it constant; an activation maps it.
+                flow.const = new(flow.const)
+        elif isinstance(m, Normalize) and name == leaves[0][0]:
+            new = _export_normalize(m, tuple(input_shape))
+        else:
+            raise NotImplementedError(
+                f"export does not know how {type(m).__name__} ({name!r}) treats removed channels"
+            )
+        new_leaves[name] = new
+    return _rebuild(net, new_leaves).eval()
+
+
+def _selection(site_gate, masks, n: int, dtype):
+    """Kept unit indices and their folded gate values (one dead unit when none is kept)."""
+    if site_gate is None:
+        return torch.arange(n), None
+    site, gate = site_gate
+    mask = (masks[site] if masks is not None and site in masks else gate.mask).detach().cpu()
+    keep = (mask > 0).nonzero().squeeze(-1)
+    value = gate.theta_mean.detach().cpu().to(dtype) * (mask > 0).to(dtype)
+    if keep.numel() == 0:
+        keep = torch.zeros(1, dtype=torch.long)  # a dead unit: value 0
+    return keep, value.index_select(0, keep)
+
+
+def _export_layer(name, m, flow: _Flow, site_gate, masks, shape):
+    weight = m.weight.detach().cpu()
+    bias = None if m.bias is None else m.bias.detach().cpu()
+    n_out = weight.shape[0]
+    keep, value = _selection(site_gate, masks, n_out, weight.dtype)
+    w_in, b = _fold_inputs(weight, bias, flow, n_out)
+    w = w_in.index_select(0, keep)
+    b = b.index_select(0, keep)
+    pending = None
+    if value is not None:
+        if site_gate[1].after_norm:
+            pending = (keep, value)
+        else:
+            # conv / linear -> gate -> bias: g scales the weights; the bias of a dead unit (a
+            # fully removed layer) is masked to 0 as in the gated network.
+            w = w * value.reshape((-1,) + (1,) * (w.dim() - 1))
+            b = torch.where(value != 0, b, torch.zeros_like(b))
+    if isinstance(m, nn.Linear):
+        new = nn.Linear(w.shape[1], w.shape[0], bias=True)
+    else:
+        new = nn.Conv2d(
+            w.shape[1],
+            w.shape[0],
+            m.kernel_size,
+            stride=m.stride,
+            padding=m.padding,
+            dilation=m.dilation,
+            groups=m.groups,
+            bias=True,
+            padding_mode=m.padding_mode,
+        )
+        if m.groups != 1:
+            raise NotImplementedError(f"grouped convolution {name!r} cannot be exported")
+        if flow.removed.numel() and bool((flow.const != 0).any()) and _has_padding(m):
+            raise NotImplementedError(
+                f"{name!r} pads its input, whose removed channels are non-zero constants"
+            )
+    new.weight = nn.Parameter(w.clone())
+    new.bias = nn.Parameter(b.clone())
+    # Downstream of this layer: its kept units; a removed unit outputs exactly 0 (and so does a
+    # dead unit, through its zero weights and bias).
+    flow.set(keep, n_out, torch.zeros(n_out - keep.numel(), dtype=w.dtype))
+    return new, pending
+
+
+def _has_padding(m) -> bool:
+    p = m.padding
+    return p == "same" or (isinstance(p, tuple) and any(p)) or (isinstance(p, int) and p > 0)
+
+
+def _export_norm(name, m, flow: _Flow, gate_after, pending, masks):
+    keep = flow.keep
+    new = _plain_copy(m)
+    mean = m.running_mean.detach().cpu()
+    var = m.running_var.detach().cpu()
+    weight = m.weight.detach().cpu() if m.affine else torch.ones_like(mean)
+    bias = m.bias.detach().cpu() if m.affine else torch.zeros_like(mean)
+    w, b = weight.index_select(0, keep), bias.index_select(0, keep)
+    if gate_after is not None:
+        if pending is None:
+            raise RuntimeError(f"norm {name!r} carries a gate but follows no gated layer")
+        _, value = pending
+        w, b = w * value, b * value
+    elif flow.const.numel():
+        # A removed channel's constant goes through the norm too.
+        removed = flow.removed
+        flow.const = (flow.const - mean[removed]) / torch.sqrt(var[removed] + m.eps) * weight[
+            removed
+        ] + bias[removed]
+    new.num_features = keep.numel()
+    new.running_mean = mean.index_select(0, keep).clone()
+    new.running_var = var.index_select(0, keep).clone()
+    new.weight = nn.Parameter(w.clone())
+    new.bias = nn.Parameter(b.clone())
+    new.affine = True
+    return new
+
+
+def _flatten_flow(flow: _Flow, shape, m: nn.Flatten) -> None:
+    if len(shape) <= 1 or m.start_dim != 1:
+        return
+    c = shape[0]
+    block = int(torch.tensor(shape[1:]).prod().item())
+    offsets = torch.arange(block)
+    keep = (flow.keep.unsqueeze(1) * block + offsets).reshape(-1)
+    const = flow.const.repeat_interleave(block)
+    flow.set(keep, c * block, const)
+    # _Flow.set recomputes `removed` in order of feature index, and the constants were laid
+    # out by removed channel, channel-major: the same order.
+
+
+def _rebuild(net: nn.Module, new_leaves: dict[str, nn.Module]) -> nn.Module:
+    def build(prefix: str, module: nn.Module) -> nn.Module:
+        children = [(n, c) for n, c in module.named_children() if not isinstance(c, SBPGate)]
+        if not children:
+            return new_leaves[prefix]
+        return nn.Sequential(
+            OrderedDict((n, build(f"{prefix}.{n}" if prefix else n, c)) for n, c in children)
+        )
+
+    return build("", net)
+
+
+def export_full(net: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
+    """The unpruned network with :math:`\\mathbb E[\\theta]` folded in (every unit kept)."""
+    masks = {site: torch.ones(g.num_units) for site, g in named_gates(net)}
+    return export_pruned(net, input_shape, masks)
+
+
+def _quiet_jit():
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    # torch 2.10+ deprecates TorchScript in favour of torch.export, but TorchScript is the format
+    # that loads with nothing but torch.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit.*")
+    return ctx
+
+
+def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
+    """``torch.jit.load`` without torch's deprecation warning."""
+    ctx = _quiet_jit()
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def save_torchscript(module: nn.Module, path: str | Path) -> None:
+    """Save as TorchScript (loads with ``torch.jit.load``, no pyro or pyro_sbp needed)."""
+    module = module.eval()
+    ctx = _quiet_jit()
+    try:
+        scripted = torch.jit.script(module)
+    finally:
+        ctx.__exit__(None, None, None)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scripted.save(str(path))

@@ -240,6 +240,35 @@ def _run_bench(args) -> int:
     return 0
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="report, ArviZ posterior, exported networks and plots of a fitted run",
+        description=(
+            "Prune a fitted run with --criterion, export and time it, and write report.json, "
+            "posterior.nc (ArviZ), full.pt, pruned.pt, masks.pt and plots/ into the run "
+            "directory."
+        ),
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--criterion", default="bmrs-n")
+    p.add_argument("--no-bench", action="store_true", help="skip the latency measurement")
+    p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
+
+
+def _run_report(args) -> int:
+    from pyro_sbp.diagnostics import format_summary, make_report
+    from pyro_sbp.reduction import parse_criterion
+
+    parse_criterion(args.criterion)
+    report = make_report(
+        args.run_dir, args.criterion, bench=not args.no_bench, min_run_time=args.min_run_time
+    )
+    print(format_summary(report))
+    print(f"wrote report.json, posterior.nc, full.pt, pruned.pt and plots/ in {args.run_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyro-sbp",
@@ -250,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune(sub)
     _add_export(sub)
     _add_bench(sub)
+    _add_report(sub)
     return parser
 
 
@@ -265,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_export(args)
         if args.command == "bench":
             return _run_bench(args)
+        if args.command == "report":
+            return _run_report(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"pyro-sbp {args.command}: error: {e}", file=sys.stderr)
         return 2

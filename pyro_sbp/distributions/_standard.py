@@ -133,6 +133,21 @@ def _overlay(mask: Tensor, fn_rare, fn_common, *args: Tensor) -> tuple[Tensor, .
     return tuple(c.index_put((idx,), r).reshape(shape) for c, r in zip(common, rare, strict=True))
 
 
+def compact(shape: torch.Size, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """Views of ``tensors`` (all of ``shape``) without the dims that every one of them only
+    broadcasts (stride 0), e.g. the batch dim of a plate's ``expand``: statistics computed on
+    them are then computed once per distinct parameter, and expanded back for free."""
+    dims = [d for d, n in enumerate(shape) if n > 1 and all(t.stride(d) == 0 for t in tensors)]
+    if not dims:
+        return tensors
+    out = []
+    for t in tensors:
+        for d in dims:
+            t = t.narrow(d, 0, 1)
+        out.append(t)
+    return tuple(out)
+
+
 def _nonpositive(x: Tensor) -> Tensor:
     # min(x, 0) that keeps the gradient at x == 0 (clamp and minimum would drop or halve it,
     # and x == 0 is hit exactly whenever a bound sits at tau * scale from loc).

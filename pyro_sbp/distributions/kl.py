@@ -2,7 +2,8 @@
 
 Each result has the batch shape of the broadcast pair, as ``TraceMeanField_ELBO`` requires, is
 ``inf`` where the support of ``p`` is not contained in that of ``q``, and is clamped at zero
-(rounding can leave an exact zero slightly negative).
+(rounding can leave an exact zero slightly negative). They are computed on the distributions'
+compact parameters (a plate's ``expand`` is not materialised) and expanded at the end.
 """
 
 import math
@@ -22,27 +23,35 @@ def _nested(p_low, p_high, q_low, q_high):
     return (q_low <= p_low) & (p_high <= q_high)
 
 
-def _kl_to_uniform(p: TruncatedNormal, q_low, q_high):
+def _finish(kl, nested, shape):
+    return torch.where(nested, kl.clamp(min=0.0), math.inf).expand(shape)
+
+
+def _kl_to_uniform(p: TruncatedNormal, q_low, q_high, shape):
     # KL(N_[a,b](mu, sigma^2) || U[a', b']) = log(b' - a') - H (SBP, Eq. 9), with
     # H = log(sqrt(2 pi e) sigma Z) + (alpha phi(alpha) - beta phi(beta)) / (2 Z), split as
     # log((b' - a') / (b - a)) + KL(N_[a,b] || U[a, b]); the second term is computed on
     # standardised bounds, by quadrature where p is so flat that log(b - a) - H would cancel.
     kl = _standard.kl_to_uniform(p._alpha, p._beta, p._moments.entropy, p._width)
-    kl = kl + (torch.log(q_high - q_low) - torch.log(p.high - p.low))
-    nested = _nested(p.low, p.high, q_low, q_high)
-    return torch.where(nested, kl.clamp(min=0.0), math.inf)
+    kl = kl + (torch.log(q_high - q_low) - torch.log(p._chigh - p._clow))
+    return _finish(kl, _nested(p._clow, p._chigh, q_low, q_high), shape)
+
+
+def _shape(p, q):
+    return torch.broadcast_shapes(p.batch_shape, q.batch_shape)
 
 
 @register_kl(TruncatedNormal, Uniform)
 def _kl_truncatednormal_uniform(p, q):
-    return _kl_to_uniform(p, q.low, q.high)
+    low, high = _standard.compact(q.batch_shape, q.low, q.high)
+    return _kl_to_uniform(p, low, high, _shape(p, q))
 
 
 @register_kl(TruncatedLogNormal, TruncatedLogUniform)
 def _kl_truncatedlognormal_truncatedloguniform(p, q):
     # KL is invariant under the shared bijection exp: KL(LogN_[a,b] || LogU_[a',b'])
     # = KL(N_[a,b] || U[a', b']).
-    return _kl_to_uniform(p.base_dist, q._a, q._b)
+    return _kl_to_uniform(p.base_dist, q._a, q._b, _shape(p, q))
 
 
 @register_kl(TruncatedNormal, TruncatedNormal)
@@ -52,22 +61,22 @@ def _kl_truncatednormal_truncatednormal(p, q):
     # The quadratic is taken relative to c_q = clamp(mu_q, a_q, b_q), whose square is the one
     # hidden in log Z_q = log Zhat_q - (c_q - mu_q)^2 / (2 sigma_q^2), so the two cancel exactly:
     # (m - mu_q)^2 - (c_q - mu_q)^2 = (m - c_q)(m + c_q - 2 mu_q).
-
     # p's mean is c_p + sigma_p M_p; keeping the offset apart keeps it when it is below the
     # resolution of c_p (float32, loc far outside the bounds).
-    offset = p.scale * p._moments.mean_offset
-    quad = p.variance + ((p._center - q._center) + offset) * (
-        (p._center - q.loc) + (q._center - q.loc) + offset
+    offset = p._cscale * p._moments.mean_offset
+    quad = p._variance_compact + ((p._center - q._center) + offset) * (
+        (p._center - q._cloc) + (q._center - q._cloc) + offset
     )
     kl = (
-        -p.entropy() + q.scale.log() + _LOG_SQRT_2PI + q._log_zhat + quad / (2.0 * q.scale.square())
+        -(p._cscale.log() + p._moments.entropy)
+        + q._cscale.log()
+        + _LOG_SQRT_2PI
+        + q._log_zhat
+        + quad / (2.0 * q._cscale.square())
     )
-    nested = _nested(p.low, p.high, q.low, q.high)
-    return torch.where(nested, kl.clamp(min=0.0), math.inf)
+    return _finish(kl, _nested(p._clow, p._chigh, q._clow, q._chigh), _shape(p, q))
 
 
 @register_kl(TruncatedLogNormal, TruncatedLogNormal)
 def _kl_truncatedlognormal_truncatedlognormal(p, q):
-    kl = _kl_truncatednormal_truncatednormal(p.base_dist, q.base_dist)
-    nested = _nested(p.low, p.high, q.low, q.high)
-    return torch.where(nested, kl, math.inf)
+    return _kl_truncatednormal_truncatednormal(p.base_dist, q.base_dist)

@@ -81,13 +81,14 @@ class TruncatedLogNormal(TorchDistribution):
 
     def rsample(self, sample_shape=torch.Size()):
         x = self.base_dist.rsample(sample_shape)
-        return _clamp_straight_through(x.exp(), self.low, self.high)
+        return _clamp_straight_through(x.exp(), *self._cbounds)
 
     def log_prob(self, value):
         if self._validate_args:
             self._validate_sample(value)
         base = self.base_dist
-        inside = (value >= self.low) & (value <= self.high)
+        low, high = self._cbounds
+        inside = (value >= low) & (value <= high)
         # log(value) of a value inside [low, high] may round just outside [log low, log high].
         x = torch.minimum(torch.maximum(value.log(), base.low), base.high)
         return torch.where(inside, base._log_prob_inside(x) - x, -math.inf)
@@ -100,7 +101,7 @@ class TruncatedLogNormal(TorchDistribution):
     def icdf(self, value):
         if self._validate_args and not ((value >= 0) & (value <= 1)).all():
             raise ValueError("icdf expects probabilities in [0, 1]")
-        return _clamp_straight_through(self.base_dist.icdf(value).exp(), self.low, self.high)
+        return _clamp_straight_through(self.base_dist.icdf(value).exp(), *self._cbounds)
 
     def entropy(self):
         base = self.base_dist
@@ -108,28 +109,42 @@ class TruncatedLogNormal(TorchDistribution):
 
     @property
     def mean(self):
-        return self._log_mean.exp().clamp(max=self.high)
+        base = self.base_dist
+        return torch.minimum(self._log_mean.exp(), base._chigh.exp()).expand(self.batch_shape)
 
     @property
     def mode(self):
         # argmax of the theta density exp(-(x - mu)^2 / 2 sigma^2 - x): x = mu - sigma^2.
         base = self.base_dist
-        x = torch.minimum(torch.maximum(self.loc - self.scale.square(), base.low), base.high)
-        return x.exp()
+        x = base._cloc - base._cscale.square()
+        return (
+            torch.minimum(torch.maximum(x, base._clow), base._chigh).exp().expand(self.batch_shape)
+        )
 
     @property
     def variance(self):
-        return self._log_mean.mul(2).exp() * torch.expm1(self._kappa)
+        return (self._log_mean.mul(2).exp() * torch.expm1(self._kappa)).expand(self.batch_shape)
 
     @property
     def stddev(self):
-        return self._log_mean.exp() * torch.expm1(self._kappa).sqrt()
+        return (self._log_mean.exp() * torch.expm1(self._kappa).sqrt()).expand(self.batch_shape)
+
+    @lazy_property
+    def _cbounds(self):
+        return _standard.compact(self.batch_shape, self.low, self.high)
 
     @lazy_property
     def base_dist(self) -> TruncatedNormal:
         """The truncated normal of :math:`\\log\\theta`."""
+        # Built from the compact parameters (a plate's expand is not materialised), expanded.
+        shape = self.batch_shape
+        loc, scale, low, high = _standard.compact(shape, self.loc, self.scale, self.low, self.high)
         return TruncatedNormal(
-            self.loc, self.scale, self.low.log(), self.high.log(), validate_args=False
+            loc.expand(shape),
+            scale.expand(shape),
+            low.log().expand(shape),
+            high.log().expand(shape),
+            validate_args=False,
         )
 
     # --- cumulant generating function of log(theta) ------------------------------------------
@@ -139,7 +154,7 @@ class TruncatedLogNormal(TorchDistribution):
         # (alpha - t sigma, beta - t sigma) are the standardised bounds of the normal tilted by
         # exp(t x); delta_t = s_0 - s_t in [0, t sigma] is formed without cancellation.
         base = self.base_dist
-        alpha, beta, sigma = base._alpha, base._beta, self.scale
+        alpha, beta, sigma = base._alpha, base._beta, base._cscale
         s0 = _standard.nearest_to_zero(alpha, beta)
 
         def delta(t):
@@ -152,22 +167,24 @@ class TruncatedLogNormal(TorchDistribution):
     @lazy_property
     def _tilted(self):
         base = self.base_dist
-        return _standard.moments(base._alpha - self.scale, base._beta - self.scale, base._width)
+        sigma = base._cscale
+        return _standard.moments(base._alpha - sigma, base._beta - sigma, base._width)
 
     @lazy_property
     def _tilted_log_zhat(self):
         if "_tilted" in self.__dict__:
             return self._tilted.log_zhat
         base = self.base_dist
-        return _standard.log_zhat(base._alpha - self.scale, base._beta - self.scale, base._width)[1]
+        sigma = base._cscale
+        return _standard.log_zhat(base._alpha - sigma, base._beta - sigma, base._width)[1]
 
     @lazy_property
     def _log_mean(self):
         # K(1) = mu + sigma^2/2 + log Z_1 - log Z_0, with the quadratic parts cancelled.
         s0, d1, _ = self._shift
-        sigma = self.scale
+        sigma = self.base_dist._cscale
         return (
-            self.loc
+            self.base_dist._cloc
             + d1 * s0
             + 0.5 * (sigma - d1) * (sigma + d1)
             + self._tilted_log_zhat
@@ -178,7 +195,7 @@ class TruncatedLogNormal(TorchDistribution):
     def _kappa(self):
         base = self.base_dist
         s0, d1, d2 = self._shift
-        sigma = self.scale
+        sigma = base._cscale
         _, lz2 = _standard.log_zhat(
             base._alpha - 2.0 * sigma, base._beta - 2.0 * sigma, base._width
         )

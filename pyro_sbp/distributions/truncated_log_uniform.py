@@ -5,6 +5,7 @@ from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 from torch.distributions.utils import broadcast_all, lazy_property
 
+from pyro_sbp.distributions import _standard
 from pyro_sbp.distributions.truncated_log_normal import _clamp_straight_through
 from pyro_sbp.distributions.truncated_normal import _check_bounds
 
@@ -62,7 +63,8 @@ class TruncatedLogUniform(TorchDistribution):
     def log_prob(self, value):
         if self._validate_args:
             self._validate_sample(value)
-        inside = (value >= self.low) & (value <= self.high)
+        low, high = self._compact
+        inside = (value >= low) & (value <= high)
         return torch.where(inside, -value.log() - self._log_width, -math.inf)
 
     def cdf(self, value):
@@ -75,17 +77,17 @@ class TruncatedLogUniform(TorchDistribution):
         if self._validate_args and not ((value >= 0) & (value <= 1)).all():
             raise ValueError("icdf expects probabilities in [0, 1]")
         x = self._a + value * self._width
-        return _clamp_straight_through(x.exp(), self.low, self.high)
+        return _clamp_straight_through(x.exp(), *self._compact)
 
     def entropy(self):
         # H(theta) = H(log theta) + E[log theta].
-        return self._log_width + 0.5 * (self._a + self._b)
+        return (self._log_width + 0.5 * (self._a + self._b)).expand(self.batch_shape)
 
     @property
     def mean(self):
         # (high - low) / (b - a) = low * expm1(w) / w.
         w = self._width
-        return self.low * torch.expm1(w) / w
+        return (self._compact[0] * torch.expm1(w) / w).expand(self.batch_shape)
 
     @property
     def variance(self):
@@ -97,15 +99,20 @@ class TruncatedLogUniform(TorchDistribution):
         w2 = w.square()
         series = w2 * (1 / 12 + w2 * (1 / 180 + w2 * (1 / 6720 + w2 / 453600)))
         h = torch.where(w < 1e-2, series, direct)
-        return self.low.square() * torch.exp(w) * h
+        return (self._compact[0].square() * torch.exp(w) * h).expand(self.batch_shape)
+
+    # Compact (see TruncatedNormal): once per distinct parameter, broadcastable.
+    @lazy_property
+    def _compact(self):
+        return _standard.compact(self.batch_shape, self.low, self.high)
 
     @lazy_property
     def _a(self):
-        return self.low.log()
+        return self._compact[0].log()
 
     @lazy_property
     def _b(self):
-        return self.high.log()
+        return self._compact[1].log()
 
     @lazy_property
     def _width(self):

@@ -75,19 +75,19 @@ class TruncatedNormal(TorchDistribution):
     def log_prob(self, value):
         if self._validate_args:
             self._validate_sample(value)
-        inside = (value >= self.low) & (value <= self.high)
+        inside = (value >= self._clow) & (value <= self._chigh)
         lp = self._log_prob_inside(value)
         return torch.where(inside, lp, -math.inf)
 
     def cdf(self, value):
         if self._validate_args:
             self._validate_sample(value)
-        below = value <= self.low
-        above = value >= self.high
-        x = torch.where(below | above, 0.5 * (self.low + self.high), value)
+        below = value <= self._clow
+        above = value >= self._chigh
+        x = torch.where(below | above, 0.5 * (self._clow + self._chigh), value)
         # The smaller of the two masses either side of x is accurate; the cdf follows from it.
-        lower = self._log_mass(self.low, x)
-        upper = self._log_mass(x, self.high)
+        lower = self._log_mass(self._clow, x)
+        upper = self._log_mass(x, self._chigh)
         cdf = torch.where(lower < -math.log(2.0), lower.exp(), -torch.expm1(upper))
         return torch.where(below, 0.0, torch.where(above, 1.0, cdf))
 
@@ -98,45 +98,75 @@ class TruncatedNormal(TorchDistribution):
         return self._quantile(value)
 
     def entropy(self):
-        return self.scale.log() + self._moments.entropy
+        return (self._cscale.log() + self._moments.entropy).expand(self.batch_shape)
 
     @property
     def mean(self):
-        return self._center + self.scale * self._moments.mean_offset
+        return self._mean_compact.expand(self.batch_shape)
 
     @property
     def mode(self):
-        return self._center
+        return self._center.expand(self.batch_shape)
 
     @property
     def variance(self):
-        return self.scale.square() * self._full_moments.variance
+        return self._variance_compact.expand(self.batch_shape)
 
     @property
     def log_normalizer(self) -> Tensor:
         r""":math:`\log Z`, the log of the mass the normal puts on ``[low, high]``."""
-        return self._log_z
+        return self._log_z.expand(self.batch_shape)
 
     # --- cached standardised quantities ---------------------------------------------------
+    # All of them are "compact": computed once per distinct parameter, without the dims that
+    # an expand (a plate) only broadcasts, and broadcastable to the batch shape.
+
+    @lazy_property
+    def _compact(self):
+        return _standard.compact(self.batch_shape, self.loc, self.scale, self.low, self.high)
+
+    @property
+    def _cloc(self):
+        return self._compact[0]
+
+    @property
+    def _cscale(self):
+        return self._compact[1]
+
+    @property
+    def _clow(self):
+        return self._compact[2]
+
+    @property
+    def _chigh(self):
+        return self._compact[3]
 
     @lazy_property
     def _alpha(self):
-        return (self.low - self.loc) / self.scale
+        return (self._clow - self._cloc) / self._cscale
 
     @lazy_property
     def _beta(self):
-        return (self.high - self.loc) / self.scale
+        return (self._chigh - self._cloc) / self._cscale
 
     @lazy_property
     def _width(self):
         # beta - alpha, exact even where alpha and beta are huge and close.
-        return (self.high - self.low) / self.scale
+        return (self._chigh - self._clow) / self._cscale
 
     @lazy_property
     def _center(self):
         # The point of [low, high] closest to loc: every offset is measured from it, which
         # keeps full precision next to a bound when loc lies far outside.
-        return torch.minimum(torch.maximum(self.loc, self.low), self.high)
+        return torch.minimum(torch.maximum(self._cloc, self._clow), self._chigh)
+
+    @lazy_property
+    def _mean_compact(self):
+        return self._center + self._cscale * self._moments.mean_offset
+
+    @lazy_property
+    def _variance_compact(self):
+        return self._cscale.square() * self._full_moments.variance
 
     @lazy_property
     def _moments(self):
@@ -161,20 +191,21 @@ class TruncatedNormal(TorchDistribution):
 
     def _log_mass(self, lo: Tensor, hi: Tensor) -> Tensor:
         """log P(lo <= X <= hi) for low <= lo < hi <= high, in scaled form throughout."""
-        a = (lo - self.loc) / self.scale
-        b = (hi - self.loc) / self.scale
-        _, lz = _standard.log_zhat(a, b, (hi - lo) / self.scale)
-        center = torch.minimum(torch.maximum(self.loc, lo), hi)
+        loc, scale = self._cloc, self._cscale
+        a = (lo - loc) / scale
+        b = (hi - loc) / scale
+        _, lz = _standard.log_zhat(a, b, (hi - lo) / scale)
+        center = torch.minimum(torch.maximum(loc, lo), hi)
         # log Z' - log Z = lz' - lz - (s'^2 - s^2) / 2, the squares differenced as a product.
-        ds = (center - self._center) / self.scale
-        ss = (center + self._center - 2.0 * self.loc) / self.scale
+        ds = (center - self._center) / scale
+        ss = (center + self._center - 2.0 * loc) / scale
         return lz - self._log_zhat - 0.5 * ds * ss
 
     def _log_prob_inside(self, value):
         # -(xi^2 - s^2)/2 factored as -(xi - s)(xi + s)/2: the two quadratics cancel exactly.
-        lo = (value - self._center) / self.scale
-        hi = (value + self._center - 2.0 * self.loc) / self.scale
-        return -0.5 * lo * hi - _LOG_SQRT_2PI - self.scale.log() - self._log_zhat
+        lo = (value - self._center) / self._cscale
+        hi = (value + self._center - 2.0 * self._cloc) / self._cscale
+        return -0.5 * lo * hi - (_LOG_SQRT_2PI + self._cscale.log() + self._log_zhat)
 
     def _quantile(self, u, exact=True):
         finfo = torch.finfo(u.dtype)
@@ -185,8 +216,8 @@ class TruncatedNormal(TorchDistribution):
         offset = _standard.sample_offset(
             alpha, beta, u, 1.0 - u, self._width.expand(shape), exact_quantile=exact
         )
-        x = self._center + self.scale * offset
-        return torch.minimum(torch.maximum(x, self.low), self.high)
+        x = self._center + self._cscale * offset
+        return torch.minimum(torch.maximum(x, self._clow), self._chigh)
 
 
 def _check_bounds(low: Tensor, high: Tensor, name: str) -> None:

@@ -250,7 +250,7 @@ def export_pruned(
                 f"export does not know how {type(m).__name__} ({name!r}) treats removed channels"
             )
         new_leaves[name] = new
-    return _rebuild(net, new_leaves).eval()
+    return _streamline(_rebuild(net, new_leaves)).eval()
 
 
 def _selection(site_gate, masks, n: int, dtype):
@@ -367,6 +367,70 @@ def _rebuild(net: nn.Module, new_leaves: dict[str, nn.Module]) -> nn.Module:
         )
 
     return build("", net)
+
+
+_MONOTONE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.SiLU)
+
+
+def _streamline(net: nn.Sequential) -> nn.Sequential:
+    """Rewrites that change the cost, not the function.
+
+    * The input normalisation is folded into the first layer when only a ``Flatten`` lies
+      between them and the layer is a ``Linear``, or an unpadded ``Conv2d`` with per-channel
+      statistics: :math:`W' = W / s`, :math:`b' = b - W' m`.
+    * An activation followed by a ``MaxPool2d`` is moved after it: a non-decreasing
+      element-wise function commutes with the maximum, and it then touches 1/k^2 of the values.
+    """
+    leaves = [(name, m) for name, m in net.named_modules() if not list(m.children())]
+    _fold_normalization(net, leaves)
+    for parent in [m for m in net.modules() if isinstance(m, nn.Sequential)]:
+        keys = list(parent._modules)
+        for i in range(len(keys) - 1):
+            act, pool = parent._modules[keys[i]], parent._modules[keys[i + 1]]
+            if isinstance(act, _MONOTONE) and isinstance(pool, nn.MaxPool2d):
+                parent._modules[keys[i]], parent._modules[keys[i + 1]] = pool, act
+    return net
+
+
+def _set_leaf(net: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    parent._modules[child] = module
+
+
+@torch.no_grad()
+def _fold_normalization(net: nn.Module, leaves) -> None:
+    if not leaves or not isinstance(leaves[0][1], InputNormalization):
+        return
+    norm_name, norm = leaves[0]
+    rest = leaves[1:]
+    i = 0
+    while i < len(rest) and isinstance(rest[i][1], nn.Flatten | nn.Identity):
+        i += 1
+    if i == len(rest):
+        return
+    _, layer = rest[i]
+    mean, std = norm.mean[0], norm.std[0]
+    if isinstance(layer, nn.Linear) and mean.numel() == layer.in_features:
+        m, s = mean.reshape(-1), std.reshape(-1)
+        w = layer.weight / s
+        layer.bias.copy_(layer.bias - w @ m)
+        layer.weight.copy_(w)
+    elif (
+        isinstance(layer, nn.Conv2d)
+        and i == 0
+        and not _has_padding(layer)
+        and mean.dim() == 3
+        and bool((mean == mean[:, :1, :1]).all())
+        and bool((std == std[:, :1, :1]).all())
+    ):
+        m, s = mean[:, 0, 0], std[:, 0, 0]
+        w = layer.weight / s.reshape(1, -1, 1, 1)
+        layer.bias.copy_(layer.bias - (w * m.reshape(1, -1, 1, 1)).sum(dim=(1, 2, 3)))
+        layer.weight.copy_(w)
+    else:
+        return
+    _set_leaf(net, norm_name, nn.Identity())
 
 
 def export_full(net: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:

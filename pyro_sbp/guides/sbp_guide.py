@@ -4,11 +4,28 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.nn import PyroModule
+from pyro.poutine.trace_messenger import TraceMessenger
 from torch import Tensor, nn
 
 from pyro_sbp.distributions import TruncatedLogNormal
 from pyro_sbp.models.prunable import named_gates
 from pyro_sbp.models.sbp_model import data_indices
+
+
+def _site_recorded(name: str) -> bool:
+    for messenger in pyro.poutine.runtime._PYRO_STACK:
+        if isinstance(messenger, TraceMessenger) and name in messenger.trace.nodes:
+            return True
+    return False
+
+
+def _data_plate(num_data: int, idx: Tensor) -> pyro.plate:
+    """The data plate; when an enclosing guide (``AutoGuideList``) has already recorded the
+    plate's subsample site, a second one is created without recording it again."""
+    if _site_recorded("data"):
+        with poutine.block(hide=["data"]):
+            return pyro.plate("data", num_data, subsample=idx)
+    return pyro.plate("data", num_data, subsample=idx)
 
 
 class SBPGuide(PyroModule):
@@ -87,7 +104,7 @@ class SBPGuide(PyroModule):
         idx = data_indices(x, idx, self.num_data)
         scale = kl_weight / self.num_data
         out = {}
-        with pyro.plate("data", self.num_data, subsample=idx):
+        with _data_plate(self.num_data, idx):
             for site in self.site_names:
                 with poutine.scale(scale=scale):
                     out[site] = pyro.sample(site, self.posterior(site).to_event(1))

@@ -1,5 +1,6 @@
 """Fitting a gated network: deterministic pretraining, then SVI with the analytic-KL ELBO."""
 
+import dataclasses
 import json
 import math
 import time
@@ -183,7 +184,8 @@ class Trainer:
             # Everything but the number of epochs comes from the checkpoint.
             stored.epochs = config.epochs
             config = stored
-        self.config = config
+        # A copy: loading pretrained weights sets pretrain_epochs to 0 on it, not on the caller's.
+        self.config = config = dataclasses.replace(config)
         self.progress = progress
         self.device = resolve_device(config.device)
 
@@ -197,7 +199,8 @@ class Trainer:
         self.model = SBPModel(self.net, num_data, self.input_shape)
         self.guide = SBPGuide(self.net, num_data, init_log_scale=config.init_log_scale)
         self.optim = Adam(self._optim_args)
-        self.svi = SVI(self.model, self.guide, self.optim, TraceMeanField_ELBO())
+        self.elbo = TraceMeanField_ELBO()
+        self.svi = SVI(self.model, self.guide, self.optim, self.elbo)
         self.pretrain_optim = torch.optim.Adam(self.net.parameters(), lr=config.pretrain_lr)
         self.history: list[dict[str, Any]] = []
         self.pretrain_done = 0
@@ -407,9 +410,7 @@ class Trainer:
         total = 0.0
         for x, y, idx in self._batches(f"svi {epoch + 1}"):
             x, y, idx = x.to(self.device), y.to(self.device), idx.to(self.device)
-            loss = self.svi.step(x, y, idx, kl_weight=beta)
-            if not math.isfinite(loss):
-                raise NonFiniteLossError(self._diagnose(epoch, x, y, idx, beta, loss))
+            loss = self._step(epoch, x, y, idx, beta)
             self.global_step += 1
             total += loss
         self.guide.update_gates()
@@ -439,13 +440,32 @@ class Trainer:
             "seconds": time.perf_counter() - start,
         }
 
+    def _step(self, epoch, x, y, idx, beta) -> float:
+        """One SVI step, as ``SVI.step`` does it, but with the loss checked before the update:
+        a non-finite loss stops training with the parameters intact and names the culprits."""
+        try:
+            with pyro.poutine.trace(param_only=True) as capture:
+                loss = self.elbo.loss_and_grads(self.model, self.guide, x, y, idx, beta)
+        except ValueError as e:
+            # Under validation a nan parameter fails a distribution's argument check first.
+            if all(torch.isfinite(v).all() for v in pyro.get_param_store().values()):
+                raise
+            raise NonFiniteLossError(self._diagnose(epoch, x, y, idx, beta, math.nan)) from e
+        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        if not math.isfinite(loss):
+            pyro.infer.util.zero_grads(params)
+            raise NonFiniteLossError(self._diagnose(epoch, x, y, idx, beta, loss))
+        self.optim(params)
+        pyro.infer.util.zero_grads(params)
+        return float(loss)
+
     def _diagnose(self, epoch, x, y, idx, beta, loss) -> str:
         bad = [
             name
             for name, value in pyro.get_param_store().items()
             if not torch.isfinite(value).all()
         ]
-        with torch.no_grad():
+        with torch.no_grad(), pyro.validation_enabled(False):
             guide_trace = pyro.poutine.trace(self.guide).get_trace(x, y, idx, beta)
             model_trace = pyro.poutine.trace(
                 pyro.poutine.replay(self.model, trace=guide_trace)

@@ -1,0 +1,63 @@
+"""Trainer odds and ends: history records, pretrained weights, evaluation, units kept."""
+
+import pytest
+import torch
+
+from pyro_sbp.infer import TrainConfig, Trainer, evaluate, units_kept_snr
+from pyro_sbp.models import build_network
+
+SMALL = {"hidden": [16, 8]}
+
+
+def _config(**kwargs) -> TrainConfig:
+    base = dict(model="digits-mlp", dataset="digits", epochs=1, pretrain_epochs=1)
+    base["network_kwargs"] = dict(SMALL)
+    base.update(kwargs)
+    return TrainConfig(**base)
+
+
+def test_history_records():
+    trainer = Trainer(_config(), None, progress=False)
+    history = trainer.fit()
+    assert [r["phase"] for r in history] == ["pretrain", "svi"]
+    svi = history[1]
+    assert svi["units_total"] == {"classifier.1.gate": 16, "classifier.3.gate": 8}
+    assert set(svi["units_kept"]) == set(svi["units_total"])
+    assert all(0 <= svi["units_kept"][k] <= svi["units_total"][k] for k in svi["units_kept"])
+    assert svi["units_kept"] == units_kept_snr(trainer.guide)
+    assert 0.0 <= svi["val_accuracy"] <= 1.0
+    assert svi["val_accuracy"] == evaluate(trainer.net, trainer.loaders["val"], trainer.device)
+    assert trainer.net.training  # evaluate puts the mode back
+
+
+def test_units_kept_counts_the_mask():
+    trainer = Trainer(_config(), None, progress=False)
+    trainer.fit()
+    gate = trainer.net.classifier[1].gate
+    before = units_kept_snr(trainer.guide, threshold=0.0)["classifier.1.gate"]
+    assert before == 16
+    gate.mask[:5] = 0.0
+    assert units_kept_snr(trainer.guide, threshold=0.0)["classifier.1.gate"] == 11
+
+
+def test_pretrained_weights_are_loaded_and_pretraining_skipped(tmp_path):
+    torch.manual_seed(3)
+    plain = build_network("digits-mlp", **SMALL)
+    path = tmp_path / "plain.pt"
+    torch.save(plain.state_dict(), path)
+    trainer = Trainer(_config(pretrained=str(path), pretrain_epochs=2), None, progress=False)
+    assert trainer.config.pretrain_epochs == 0
+    state = trainer.net.state_dict()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(state[key], value), key
+    history = trainer.fit()
+    assert [r["phase"] for r in history] == ["svi"]
+
+
+def test_pretrained_weights_of_another_shape_are_refused(tmp_path):
+    path = tmp_path / "plain.pt"
+    torch.save(build_network("digits-mlp", hidden=[32, 8]).state_dict(), path)
+    with pytest.raises(ValueError) as info:
+        Trainer(_config(pretrained=str(path)), None, progress=False)
+    message = str(info.value)
+    assert "classifier.1.weight: network (16, 64), checkpoint (32, 64)" in message, message

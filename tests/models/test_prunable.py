@@ -1,0 +1,255 @@
+"""make_prunable on the built-in networks: where the gates go, their site names and shapes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from torch import nn
+
+from pyro_sbp.distributions import TruncatedLogNormal, TruncatedLogUniform
+from pyro_sbp.guides import SBPGuide
+from pyro_sbp.models import (
+    INPUT_SHAPES,
+    NETWORKS,
+    SBPGate,
+    SBPModel,
+    build_network,
+    gated_layer_name,
+    make_prunable,
+    named_gates,
+)
+
+# Small versions of the networks that are slow at full size.
+SMALL_VGG = {"config": (8, "M", 16, "M"), "width_multiplier": 0.5, "hidden_features": 32}
+BATCH = 3
+NUM_DATA = 10
+
+
+def _kwargs(name: str) -> dict:
+    return dict(SMALL_VGG) if name == "vgg-like" else {}
+
+
+def _expected_gated_layers(net: nn.Module) -> list[str]:
+    """Every Linear / Conv2d in module order but the last one (the classifier's output)."""
+    names = [n for n, m in net.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    assert isinstance(net.get_submodule(names[-1]), nn.Linear)
+    return names[:-1]
+
+
+def _units(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_gates_on_every_layer_but_the_classifier(name):
+    net = build_network(name, **_kwargs(name))
+    expected = _expected_gated_layers(net)
+    assert expected, name
+    assert make_prunable(net) is net
+
+    gates = list(named_gates(net))
+    assert [site for site, _ in gates] == [f"{layer}.gate" for layer in expected]
+    for (site, gate), layer_name in zip(gates, expected, strict=True):
+        layer = net.get_submodule(layer_name)
+        assert isinstance(gate, SBPGate)
+        assert layer.gate is gate
+        assert gate.site_name == site
+        assert gated_layer_name(site) == layer_name
+        assert gate.num_units == _units(layer)
+        assert gate.mask.shape == gate.theta_mean.shape == (gate.num_units,)
+    # The classifier's output layer has no gate.
+    last = net.classifier[-1]
+    assert isinstance(last, nn.Linear) and not hasattr(last, "gate")
+    # Gate buffers are part of the state dict under the layer's path.
+    state = net.state_dict()
+    for layer_name in expected:
+        assert f"{layer_name}.gate.mask" in state
+        assert f"{layer_name}.gate.theta_mean" in state
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_output_shape_in_train_and_eval_mode(name):
+    net = make_prunable(build_network(name, **_kwargs(name)))
+    x = torch.rand(BATCH, *INPUT_SHAPES[name])
+    net.train()
+    out = net(x)  # gates draw theta from their prior
+    assert out.shape == (BATCH, 10)
+    assert torch.isfinite(out).all()
+    # Inside the model: per-example noise, same output shape.
+    logits = SBPModel(net, NUM_DATA, INPUT_SHAPES[name])(x, None, torch.tensor([0, 4, 9]))
+    assert logits.shape == (BATCH, 10)
+    net.eval()
+    with torch.no_grad():
+        out = net(x)
+    assert out.shape == (BATCH, 10)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_model_and_guide_traces_have_the_gate_sites(name):
+    net = make_prunable(build_network(name, **_kwargs(name)))
+    model = SBPModel(net, NUM_DATA, INPUT_SHAPES[name])
+    guide = SBPGuide(net, NUM_DATA)
+    x = torch.rand(BATCH, *INPUT_SHAPES[name])
+    y = torch.tensor([0, 3, 9])
+    idx = torch.tensor([1, 5, 7])
+    guide_trace = poutine.trace(guide).get_trace(x, y, idx)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, y, idx)
+
+    gates = dict(named_gates(net))
+    assert guide.site_names == list(gates)
+
+    def latent(trace):
+        return [
+            n
+            for n, s in trace.nodes.items()
+            if s["type"] == "sample" and not s["is_observed"] and n != "data"
+        ]
+
+    # Same sites, same order (the mean-field check of TraceMeanField_ELBO).
+    assert latent(guide_trace) == latent(model_trace) == list(gates)
+    for site, gate in gates.items():
+        g, m = guide_trace.nodes[site], model_trace.nodes[site]
+        assert g["value"].shape == (BATCH, gate.num_units)
+        assert m["value"] is g["value"]
+        assert g["fn"].batch_shape == m["fn"].batch_shape == (BATCH,)
+        assert g["fn"].event_shape == m["fn"].event_shape == (gate.num_units,)
+        assert isinstance(g["fn"].base_dist, TruncatedLogNormal)
+        assert isinstance(m["fn"].base_dist, TruncatedLogUniform)
+        assert ((g["value"] >= gate.low) & (g["value"] <= gate.high)).all()
+    obs = model_trace.nodes["obs"]
+    assert obs["is_observed"] and obs["value"].shape == (BATCH,)
+
+
+def _vgg_gated_pairs(net):
+    """(gated layer, its BatchNorm, the module after the BatchNorm) for every VGG gate."""
+    pairs = []
+    for parent in (net.features, net.classifier):
+        mods = list(parent)
+        for i, m in enumerate(mods):
+            if hasattr(m, "gate"):
+                pairs.append((m, mods[i + 1], mods[i + 2]))
+    return pairs
+
+
+def test_vgg_gate_goes_after_the_batchnorm():
+    torch.manual_seed(0)
+    net = build_network("vgg-like", **SMALL_VGG)
+    # Record the raw outputs of the layers and of the norms before the gates are put on.
+    raw = {}
+    for name, m in net.named_modules():
+        if isinstance(m, nn.Conv2d | nn.Linear | nn.BatchNorm1d | nn.BatchNorm2d):
+            m.register_forward_hook(lambda mod, i, o, name=name: raw.__setitem__(name, (i[0], o)))
+    make_prunable(net)
+    pairs = _vgg_gated_pairs(net)
+    assert len(pairs) == 3
+    seen = {}
+    names = {id(m): n for n, m in net.named_modules()}
+    for layer, norm, after in pairs:
+        assert isinstance(norm, nn.BatchNorm1d | nn.BatchNorm2d)
+        assert isinstance(after, nn.ReLU)
+        key = names[id(layer)]
+        after.register_forward_hook(lambda mod, i, o, key=key: seen.__setitem__(key, i[0]))
+        gate = layer.gate
+        n = gate.num_units
+        with torch.no_grad():
+            norm.running_mean.uniform_(-0.5, 0.5)
+            norm.running_var.uniform_(0.5, 2.0)
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(0.5, 1.0)  # a removed unit would not be 0 before the norm's shift
+            layer.bias.uniform_(-1.0, 1.0)
+            gate.theta_mean.copy_(torch.linspace(0.1, 0.9, n))
+            gate.mask[1] = 0.0
+
+    net.eval()
+    x = torch.rand(4, *INPUT_SHAPES["vgg-like"])
+    with torch.no_grad():
+        net(x)
+    for layer, norm, _ in pairs:
+        layer_name, norm_name = names[id(layer)], names[id(norm)]
+        inp, out = raw[layer_name]
+        # The layer itself is untouched: its bias is not taken off and put back by a gate.
+        if isinstance(layer, nn.Conv2d):
+            plain = F.conv2d(inp, layer.weight, layer.bias, padding=1)
+        else:
+            plain = F.linear(inp, layer.weight, layer.bias)
+        assert torch.equal(out, plain), layer_name
+        norm_in, norm_out = raw[norm_name]
+        assert torch.equal(norm_in, out)
+        gate = layer.gate
+        theta = (gate.theta_mean * gate.mask).reshape((1, -1) + (1,) * (norm_out.dim() - 2))
+        torch.testing.assert_close(seen[layer_name], norm_out * theta)
+        # The removed unit is exactly zero although the norm shifts it by its bias.
+        assert (norm_out[:, 1] != 0).all()
+        assert (seen[layer_name][:, 1] == 0).all()
+
+
+def test_vgg_gate_after_batchnorm_in_training_mode():
+    net = make_prunable(build_network("vgg-like", **SMALL_VGG))
+    conv, norm, relu = net.features[0], net.features[1], net.features[2]
+    got = {}
+    conv.register_forward_hook(lambda m, i, o: got.__setitem__("conv", o))
+    relu.register_forward_hook(lambda m, i, o: got.__setitem__("relu_in", i[0]))
+    model = SBPModel(net, NUM_DATA, INPUT_SHAPES["vgg-like"])
+    x = torch.rand(4, *INPUT_SHAPES["vgg-like"])
+    trace = poutine.trace(model).get_trace(x, None, torch.tensor([0, 1, 2, 3]))
+    theta = trace.nodes["features.0.gate"]["value"]
+    assert theta.shape == (4, conv.out_channels)
+    expected = (
+        F.batch_norm(got["conv"], None, None, norm.weight, norm.bias, training=True, eps=norm.eps)
+        * theta[:, :, None, None]
+    )
+    torch.testing.assert_close(got["relu_in"], expected)
+
+
+def test_mlp_gate_goes_before_the_bias():
+    # No BatchNorm: Linear -> gate -> bias -> ReLU.
+    net = make_prunable(build_network("digits-mlp"))
+    layer = net.classifier[1]
+    assert layer._forward_hooks, "the gate acts through a forward hook on the layer"
+    got = {}
+    layer.register_forward_hook(lambda m, i, o: got.__setitem__("io", (i[0], o)))
+    with torch.no_grad():
+        layer.bias.uniform_(-1.0, 1.0)
+        layer.gate.theta_mean.uniform_(0.1, 1.0)
+    net.eval()
+    with torch.no_grad():
+        net(torch.rand(5, 1, 8, 8))
+    inp, out = got["io"]
+    expected = F.linear(inp, layer.weight) * layer.gate.theta_mean + layer.bias
+    torch.testing.assert_close(out, expected)
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+def test_no_linear_or_conv_is_refused():
+    with pytest.raises(ValueError, match=r"no nn\.Linear or nn\.Conv2d"):
+        make_prunable(nn.Sequential(nn.ReLU(), nn.Flatten()))
+
+
+def test_unknown_layer_name_is_refused():
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"no layer named 'fc1'"):
+        make_prunable(net, ["fc1"])
+    assert not any(isinstance(m, SBPGate) for m in net.modules())
+
+
+def test_layer_that_is_not_linear_or_conv_is_refused():
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"layer '1' is a ReLU"):
+        make_prunable(net, ["1"])
+
+
+def test_last_layer_conv_needs_explicit_layers():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 3, 3))
+    with pytest.raises(ValueError, match="not a Linear"):
+        make_prunable(net)
+    make_prunable(net, ["0"])
+    assert [s for s, _ in named_gates(net)] == ["0.gate"]
+
+
+def test_twice_is_refused():
+    net = make_prunable(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
+    with pytest.raises(ValueError, match="already has gates"):
+        make_prunable(net)

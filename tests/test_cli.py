@@ -1,0 +1,124 @@
+"""The command line, in-process through ``pyro_sbp.cli.main`` and once as ``python -m pyro_sbp``."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pyro_sbp.cli import main
+from pyro_sbp.data import DATASETS
+from pyro_sbp.infer import load_checkpoint
+from pyro_sbp.models import NETWORKS
+
+TINY = [
+    "--model",
+    "digits-mlp",
+    "--dataset",
+    "digits",
+    "--network-kwargs",
+    '{"hidden": [16, 8]}',
+    "--pretrain-epochs",
+    "1",
+    "--no-progress",
+]
+
+
+def test_module_help_in_a_subprocess():
+    result = subprocess.run(
+        [sys.executable, "-m", "pyro_sbp", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "train" in result.stdout
+    assert "usage: pyro-sbp" in result.stdout
+
+
+def test_train_help_lists_the_models_and_data_sets(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for name in [*NETWORKS, *DATASETS]:
+        assert name in out, name
+    for option in ("--out", "--resume", "--epochs", "--gate-lr", "--network-kwargs"):
+        assert option in out, option
+
+
+def test_no_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+    assert "usage" in capsys.readouterr().err
+
+
+def test_train_writes_checkpoint_and_history_and_resume_continues(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    assert (out / "checkpoint.pt").is_file()
+    history = json.loads((out / "history.json").read_text())
+    assert [r["phase"] for r in history] == ["pretrain", "svi"]
+    stdout = capsys.readouterr().out
+    assert "done: 2 epochs" in stdout and str(out) in stdout
+    ckpt = load_checkpoint(out)
+    assert ckpt["config"]["network_kwargs"] == {"hidden": [16, 8]}
+    assert (ckpt["pretrain_done"], ckpt["svi_done"]) == (1, 1)
+    steps = ckpt["global_step"]
+    before = ckpt["guide_params"]["params"]["classifier.1.gate.loc"].clone()
+
+    assert main(["train", *TINY, "--epochs", "2", "--out", str(out), "--resume"]) == 0
+    history2 = json.loads((out / "history.json").read_text())
+    assert [r["phase"] for r in history2] == ["pretrain", "svi", "svi"]
+    assert history2[:2] == history  # the first two epochs are kept as they were
+    ckpt = load_checkpoint(out)
+    assert (ckpt["pretrain_done"], ckpt["svi_done"]) == (1, 2)
+    per_epoch = steps // 2  # the first run had one pretraining and one SVI epoch
+    assert ckpt["global_step"] == steps + per_epoch  # one more SVI epoch
+    assert not torch.equal(ckpt["guide_params"]["params"]["classifier.1.gate.loc"], before)
+    assert "done: 3 epochs" in capsys.readouterr().out
+
+
+def test_shape_mismatch_returns_2_with_a_message(tmp_path, capsys):
+    code = main(
+        [
+            "train",
+            "--model",
+            "lenet-300-100",
+            "--dataset",
+            "digits",
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error" in err
+    assert "(1, 28, 28)" in err and "(1, 8, 8)" in err, err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_resume_without_checkpoint_returns_2(tmp_path, capsys):
+    code = main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / "none"), "--resume"])
+    assert code == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_bad_arguments(tmp_path, capsys):
+    code = main(["train", *TINY, "--epochs", "-1", "--out", str(tmp_path)])
+    assert code == 2
+    assert "epochs must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--network-kwargs", "[1, 2]", "--out", str(tmp_path)])
+    assert info.value.code == 2
+    assert "JSON object" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--model", "resnet", "--out", str(tmp_path)])
+    assert info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err

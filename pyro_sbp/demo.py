@@ -1,11 +1,11 @@
 """The main job: ``make demo`` (``python -m pyro_sbp.demo``).
 
 On scikit-learn's 8x8 digits (embedded, nothing to download): pretrain the digits MLP, fit the
-gates and weights by SVI with pruning during training (BMRS_N: masks recomputed after every
-epoch, then fine-tuning with the masks frozen), export the full and the pruned network, time
-them on the CPU, and write ``runs/demo/``: ``report.json``, ``posterior.nc`` (ArviZ),
-``full.pt`` and ``pruned.pt`` (TorchScript), ``masks.pt``, ``checkpoint.pt``, ``history.json``
-and ``plots/``. Prints a short summary.
+gates and weights by SVI with pruning during training (Bayesian Model Reduction, BMRS_U-4: masks
+recomputed after every epoch, then fine-tuning with the masks frozen), export the full and the
+pruned network, time them on the CPU, and write ``runs/demo/``: ``report.json``,
+``posterior.nc`` (ArviZ), ``full.pt`` and ``pruned.pt`` (TorchScript), ``masks.pt``,
+``checkpoint.pt``, ``history.json`` and ``plots/``. Prints a short summary.
 """
 
 import argparse
@@ -16,15 +16,21 @@ from pathlib import Path
 from pyro_sbp.diagnostics import format_summary, make_report
 from pyro_sbp.infer import TrainConfig, Trainer
 
+#: BMRS_U-4: a unit goes when "theta below 2^-4" has at least the evidence of the full model.
+#: (BMRS_N removes nothing on this run: under the SBP-scaled ELBO the posteriors of unused
+#: units return to the wide prior, whose density at the lower bound is below the prior's, so
+#: Delta F_N stays slightly negative; the report's plots show both.)
+DEMO_CRITERION = "bmrs-u:4"
+
 DEMO_CONFIG = TrainConfig(
     model="digits-mlp",
     dataset="digits",
-    pretrain_epochs=15,
-    epochs=40,
+    pretrain_epochs=10,
+    epochs=30,
     finetune_epochs=5,
     batch_size=64,
     gate_lr=0.1,
-    prune_criterion="bmrs-n",
+    prune_criterion=DEMO_CRITERION,
     seed=0,
 )
 
@@ -40,7 +46,7 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     config = TrainConfig.from_dict({**DEMO_CONFIG.__dict__, "seed": args.seed})
     Trainer(config, out).fit()
-    report = make_report(out, "bmrs-n")
+    report = make_report(out, DEMO_CRITERION)
     print()
     print(format_summary(report))
     print(f"\nwrote {out}/ in {time.perf_counter() - start:.0f} s: " + ", ".join(report["files"]))

@@ -206,7 +206,12 @@ def make_report(
     trainer.guide.update_gates()
     val_loader = trainer._eval_loader()
     test_loader = trainer.loaders["test"]
+    # The masks a run pruned during training are the starting point of the criterion (masks are
+    # cumulative); the full network (as full.pt) has every unit.
+    trained_masks = {site: g.mask.clone() for site, g in named_gates(trainer.net)}
+    apply_masks(trainer.net, {s: torch.ones_like(m) for s, m in trained_masks.items()})
     full_acc = evaluate(trainer.net, test_loader, trainer.device)
+    apply_masks(trainer.net, trained_masks)
     result = compute_masks(trainer.net, trainer.guide, criterion)
     apply_masks(trainer.net, result)
     pruned_acc = evaluate(trainer.net, test_loader, trainer.device)

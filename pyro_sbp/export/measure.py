@@ -33,9 +33,12 @@ def measure_latency(
     batch_size: int,
     device: str | torch.device = "cpu",
     min_run_time: float = 1.0,
-    num_threads: int | None = None,
+    num_threads: int = 1,
 ) -> dict:
     """Latency of one forward pass with :mod:`torch.utils.benchmark` (which synchronises CUDA).
+
+    On one thread by default (``torch.utils.benchmark``'s own default): a shared machine's
+    other work disturbs a multi-threaded measurement far more than a single-threaded one.
 
     :return: ``{"median_s", "iqr_s", "runs"}`` for the given batch size and device.
     """
@@ -49,7 +52,7 @@ def measure_latency(
     timer = benchmark.Timer(
         stmt="module(x)",
         globals={"module": module, "x": x},
-        num_threads=num_threads or torch.get_num_threads(),
+        num_threads=num_threads,
     )
     m = timer.blocked_autorange(min_run_time=min_run_time)
     return {"median_s": m.median, "iqr_s": m.iqr, "runs": len(m.times)}
@@ -62,6 +65,7 @@ def compare(
     batch_sizes=(1, 64, 256),
     devices=("cpu",),
     min_run_time: float = 1.0,
+    num_threads: int = 1,
 ) -> dict:
     """Parameters, FLOPs and latencies of the full and the pruned network, side by side.
 
@@ -76,13 +80,14 @@ def compare(
         "flops_pruned": count_flops(pruned, input_shape),
         "flops_note": "FLOPs per example, 2 per multiply-add (torch.utils.flop_counter)",
         "latency": [],
+        "num_threads": num_threads,
     }
     out["flops_reduction"] = out["flops_full"] / max(out["flops_pruned"], 1)
     out["params_reduction"] = out["params_full"] / max(out["params_pruned"], 1)
     for device in devices:
         for bs in batch_sizes:
-            f = measure_latency(full, input_shape, bs, device, min_run_time)
-            p = measure_latency(pruned, input_shape, bs, device, min_run_time)
+            f = measure_latency(full, input_shape, bs, device, min_run_time, num_threads)
+            p = measure_latency(pruned, input_shape, bs, device, min_run_time, num_threads)
             out["latency"].append(
                 {
                     "device": str(device),

@@ -1,0 +1,108 @@
+"""ArviZ data, netCDF round trip, ArviZ's own summary and plots, and the run report."""
+
+import json
+
+import arviz as az
+import matplotlib
+import numpy as np
+import pyro
+import pytest
+import torch
+
+from pyro_sbp.diagnostics import make_report, save_netcdf, to_arviz, var_name
+from pyro_sbp.infer import TrainConfig, Trainer
+from pyro_sbp.models import named_gates
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    out = tmp_path_factory.mktemp("run")
+    config = TrainConfig(
+        epochs=3, pretrain_epochs=2, batch_size=64, gate_lr=0.1, network_kwargs={"hidden": [16, 8]}
+    )
+    Trainer(config, out, progress=False).fit()
+    return out
+
+
+def _posterior(data):
+    return data.posterior if hasattr(data, "posterior") else data["posterior"]
+
+
+def test_arviz_data_has_a_unit_dim_per_layer_and_the_unit_stats(run):
+    pyro.clear_param_store()
+    trainer = Trainer.from_run(run)
+    data = to_arviz(trainer.net, trainer.guide, num_chains=2, num_draws=50)
+    post = _posterior(data)
+    for site, gate in named_gates(trainer.net):
+        name = var_name(site)
+        theta = post[f"theta_{name}"]
+        assert theta.dims == ("chain", "draw", f"{name}_unit")
+        assert theta.shape == (2, 50, gate.num_units)
+        assert np.all(theta.values > 0) and np.all(theta.values <= 1)
+        np.testing.assert_allclose(post[f"log_theta_{name}"].values, np.log(theta.values))
+        # The draws are from the guide's posterior: their mean is near E[theta].
+        q = trainer.guide.posterior(site)
+        np.testing.assert_allclose(
+            theta.values.mean(axis=(0, 1)), q.mean.detach().numpy(), atol=0.2, rtol=0.2
+        )
+    const = data.constant_data if hasattr(data, "constant_data") else data["constant_data"]
+    for prefix in ("mean_theta", "mask", "snr", "delta_f_bmrs_n", "delta_f_bmrs_u4", "loc"):
+        assert f"{prefix}_classifier_1" in const
+
+
+def test_netcdf_round_trip_summary_and_plots(run, tmp_path):
+    pyro.clear_param_store()
+    trainer = Trainer.from_run(run)
+    data = to_arviz(trainer.net, trainer.guide, num_chains=2, num_draws=50)
+    path = save_netcdf(data, tmp_path / "posterior.nc")
+    back = az.from_netcdf(str(path))
+    summary = az.summary(back, var_names=["theta_classifier_3"], kind="stats")
+    assert len(summary) == 8 and "mean" in summary.columns
+    axes = az.plot_forest(back, var_names=["log_theta_classifier_3"], combined=True)
+    assert axes is not None
+    az.plot_posterior(back, var_names=["theta_classifier_3"], coords={"classifier_3_unit": [0]})
+    matplotlib.pyplot.close("all")
+
+
+def test_report_writes_everything(run):
+    pyro.clear_param_store()
+    report = make_report(run, "bmrs-u:4", bench=False, num_draws=50)
+    on_disk = json.loads((run / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    for key in (
+        "dataset",
+        "network",
+        "criterion",
+        "accuracy_full",
+        "accuracy_pruned",
+        "units",
+        "params_full",
+        "params_pruned",
+        "flops_full",
+        "flops_pruned",
+        "input_shape",
+    ):
+        assert key in report, key
+    assert report["input_shape"] == [1, 8, 8]
+    for site, u in report["units"].items():
+        assert 0 <= u["after"] <= u["before"], site
+    for name in ("full.pt", "pruned.pt", "posterior.nc", "masks.pt"):
+        assert (run / name).exists(), name
+    for plot in (
+        "log_theta.png",
+        "delta_f_vs_snr.png",
+        "training.png",
+        "units_kept.png",
+        "accuracy_vs_compression.png",
+    ):
+        assert (run / "plots" / plot).stat().st_size > 10_000, plot
+    # The exported files compute what the report says: the pruned one's parameters.
+    from pyro_sbp.export import count_parameters, load_torchscript
+
+    assert count_parameters(load_torchscript(run / "pruned.pt")) == report["params_pruned"]
+    x = torch.rand(4, 1, 8, 8)
+    assert load_torchscript(run / "full.pt")(x).shape == (4, 10)

@@ -465,19 +465,6 @@ def _tail_excess(al: Tensor, be: Tensor, width: Tensor, u: Tensor, ubar: Tensor)
     return _overlay(~moderate, by_newton, by_ndtri, al, log_p)
 
 
-def _straddle_sample(
-    al: Tensor, be: Tensor, width: Tensor, u: Tensor, ubar: Tensor
-) -> tuple[Tensor]:
-    al = _nonpositive(al)
-    z = _straddle_z(al, be)
-    p_low = _normal_cdf_neg(-al) + u * z
-    p_high = _normal_cdf_neg(be) + ubar * z
-    # ndtri on the smaller of the two tail probabilities (<= 1/2, where it is accurate), with
-    # the sign put back: negative when the quantile lies in the lower half.
-    p = torch.minimum(p_low, p_high).clamp(min=torch.finfo(al.dtype).tiny)
-    return (torch.copysign(torch.special.ndtri(p), p_low - p_high),)
-
-
 def sample_offset(
     alpha: Tensor,
     beta: Tensor,
@@ -491,14 +478,37 @@ def sample_offset(
     offset from ``s``: the quantile of the unstandardised variable is
     ``clamp(loc, low, high) + scale * offset``, which keeps full precision next to a bound.
 
+    ``alpha``, ``beta`` and ``width`` may be compact (broadcastable to ``u``'s shape): everything
+    that depends on them alone (the mirror, the branch, the normalisers) is computed once per
+    distinct parameter, and only the steps that involve ``u`` run per sample.
+
     With ``exact_quantile=False`` (for sampling) the mirror is applied to the result only: the
     mirrored element then gets the quantile at ``1 - u``, which has the same distribution when
     ``u`` is uniform, and two passes over the data are saved.
     """
     c = canonical(alpha, beta, width)
+    shape = u.shape
     if exact_quantile:
         # The mirror maps CDF value u to 1 - u.
         mirrored = c.sign < 0
         u, ubar = torch.where(mirrored, ubar, u), torch.where(mirrored, u, ubar)
-    (off,) = _overlay(c.tail, _tail_excess, _straddle_sample, c.alpha, c.beta, c.width, u, ubar)
+    # Straddle: the constants per parameter, then one pass per sample.
+    al = _nonpositive(c.alpha)
+    z = _straddle_z(al, c.beta)
+    p_low = _normal_cdf_neg(-al) + u * z
+    p_high = _normal_cdf_neg(c.beta) + ubar * z
+    # ndtri on the smaller of the two tail probabilities (<= 1/2, where it is accurate), with
+    # the sign put back: negative when the quantile lies in the lower half.
+    p = torch.minimum(p_low, p_high).clamp(min=torch.finfo(u.dtype).tiny)
+    off = torch.copysign(torch.special.ndtri(p), p_low - p_high)
+    if bool(c.tail.any()):
+        # Tail: only on the samples of tail parameters, which overwrite the straddle values.
+        tail = c.tail.expand(shape).reshape(-1)
+        idx = tail.nonzero().squeeze(-1)
+
+        def pick(t):
+            return t.expand(shape).reshape(-1).index_select(0, idx)
+
+        (excess,) = _tail_excess(pick(c.alpha), pick(c.beta), pick(c.width), pick(u), pick(ubar))
+        off = off.reshape(-1).index_put((idx,), excess).reshape(shape)
     return c.sign * off

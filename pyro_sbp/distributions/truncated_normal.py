@@ -211,10 +211,8 @@ class TruncatedNormal(TorchDistribution):
         finfo = torch.finfo(u.dtype)
         shape = torch.broadcast_shapes(u.shape, self.batch_shape)
         u = u.clamp(finfo.tiny, 1.0 - finfo.eps / 2).expand(shape)
-        alpha = self._alpha.expand(shape)
-        beta = self._beta.expand(shape)
         offset = _standard.sample_offset(
-            alpha, beta, u, 1.0 - u, self._width.expand(shape), exact_quantile=exact
+            self._alpha, self._beta, u, 1.0 - u, self._width, exact_quantile=exact
         )
         x = self._center + self._cscale * offset
         return torch.minimum(torch.maximum(x, self._clow), self._chigh)

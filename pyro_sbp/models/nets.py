@@ -219,7 +219,26 @@ class _MLPNet(_Net):
         )
 
 
-class LeNet300100(_MLPNet):
+class _LeNetMLP(_MLPNet):
+    """The LeNet MLPs: ReLU layers of the class's ``hidden`` widths on 28x28 images."""
+
+    hidden: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        image_size: int = 28,
+        in_features: int | None = None,
+        mean: float | Sequence[float] = 0.0,
+        std: float | Sequence[float] = 1.0,
+    ) -> None:
+        super().__init__(
+            self.hidden, nn.ReLU, num_classes, in_channels, image_size, in_features, mean, std
+        )
+
+
+class LeNet300100(_LeNetMLP):
     """
     LeNet-300-100: the fully connected MNIST network 784-300-100-10 with ReLU of LeCun et
     al. (1998) [1], as used for pruning by Neklyudov et al. (2017) [2].
@@ -235,21 +254,10 @@ class LeNet300100(_MLPNet):
     :param std: Input standard deviation (scalar or per channel).
     """
 
-    def __init__(
-        self,
-        num_classes: int = 10,
-        in_channels: int = 1,
-        image_size: int = 28,
-        in_features: int | None = None,
-        mean: float | Sequence[float] = 0.0,
-        std: float | Sequence[float] = 1.0,
-    ) -> None:
-        super().__init__(
-            (300, 100), nn.ReLU, num_classes, in_channels, image_size, in_features, mean, std
-        )
+    hidden = (300, 100)
 
 
-class LeNet500300(_MLPNet):
+class LeNet500300(_LeNetMLP):
     """
     LeNet-500-300: the fully connected MNIST network 784-500-300-10 with ReLU of LeCun et
     al. (1998) [1].
@@ -265,18 +273,7 @@ class LeNet500300(_MLPNet):
     :param std: Input standard deviation (scalar or per channel).
     """
 
-    def __init__(
-        self,
-        num_classes: int = 10,
-        in_channels: int = 1,
-        image_size: int = 28,
-        in_features: int | None = None,
-        mean: float | Sequence[float] = 0.0,
-        std: float | Sequence[float] = 1.0,
-    ) -> None:
-        super().__init__(
-            (500, 300), nn.ReLU, num_classes, in_channels, image_size, in_features, mean, std
-        )
+    hidden = (500, 300)
 
 
 class LeNet5Caffe(_Net):

@@ -97,7 +97,8 @@ def _run_train(args) -> int:
     summary = f"done: {len(history)} epochs, validation accuracy {last.get('val_accuracy', 0):.4f}"
     if kept:
         total = last["units_total"]
-        summary += "; units kept (SNR > 1): " + ", ".join(
+        how = f"masks, {config.prune_criterion}" if config.prune_criterion else "SNR > 1"
+        summary += f"; units kept ({how}): " + ", ".join(
             f"{site} {kept[site]}/{total[site]}" for site in kept
         )
     print(summary)
@@ -127,13 +128,19 @@ def _run_prune(args) -> int:
 
     from pyro_sbp.infer import Trainer, evaluate
     from pyro_sbp.infer.checkpoint import save_atomic, write_text_atomic
+    from pyro_sbp.models import named_gates
     from pyro_sbp.reduction import apply_masks, compute_masks, parse_criterion
 
     parse_criterion(args.criterion)
     trainer = Trainer.from_run(args.run_dir)
     trainer.guide.update_gates()
     loader = trainer._eval_loader()
+    # The full network has every unit (masks from pruning during training are the criterion's
+    # starting point, since masks are cumulative).
+    trained = {site: g.mask.clone() for site, g in named_gates(trainer.net)}
+    apply_masks(trainer.net, {site: torch.ones_like(m) for site, m in trained.items()})
     before = evaluate(trainer.net, loader, trainer.device)
+    apply_masks(trainer.net, trained)
     result = compute_masks(trainer.net, trainer.guide, args.criterion)
     apply_masks(trainer.net, result)
     after = evaluate(trainer.net, loader, trainer.device)

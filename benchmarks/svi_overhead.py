@@ -1,0 +1,516 @@
+"""Cost of one SVI step of a gated network against one plain PyTorch step, side by side.
+
+For LeNet5-Caffe (570 gates: 20 + 50 + 500 units) and a minibatch of random inputs, labels and
+training-set positions on the CPU, times
+
+* svi (the headline): one ``svi.step(x, y, idx)`` of
+  ``SVI(SBPModel(net, 60000, (1, 28, 28)), SBPGuide(net, 60000), pyro.optim.Adam(...),
+  TraceMeanField_ELBO())`` with ``net = make_prunable(build_network("lenet5-caffe"))``, with
+  Pyro's validation as a user has it (Pyro's default: on, ``__debug__``, unless ``python -O``),
+  against
+* plain: one training step of a separate plain ``build_network("lenet5-caffe")`` (no gates):
+  cross-entropy, ``torch.optim.Adam`` ``zero_grad`` / ``backward`` / ``step``,
+
+alternating them (and the variants below) in one run, in an order that rotates every
+repetition, and writes the medians, their interquartile ranges and the ratio
+(svi / plain) to ``benchmarks/results/svi_overhead.json``. Target: ratio <= 1.3.
+
+Variants, timed in the same loop to show where the time goes (``--no-variants`` skips them):
+
+* svi_no_validation: the same step under ``pyro.enable_validation(False)``;
+* svi_jit (only with ``--jit``): ``JitTraceMeanField_ELBO`` (own SVI on the same network and
+  parameters). Its trace freezes the data-dependent branches of the gate distributions
+  (``_standard._overlay``), so it is not safe to train with; it is also several times slower
+  than the default step and its memory grows by some 20 MB a step (torch 2.14, Pyro 1.9.2);
+* svi_lean: a prototype ELBO (defined here) that skips the log-densities of the latent sites
+  that ``TraceMeanField_ELBO`` computes and never uses, and computes each gate KL once per unit
+  on the un-expanded parameters instead of once per example and unit (same value and gradient);
+* torch_gated: the same gated computation in plain PyTorch, no Pyro: per-example gate noise
+  from ``TruncatedLogNormal.rsample``, the analytic KL once per unit, one ``torch.optim.Adam``;
+* torch_gated_as_pyro: the same, plus the tensor work ``TraceMeanField_ELBO`` does on top: the
+  KL of the plate-expanded distributions (batch x units) and the unused log-densities of the
+  guide's and the prior's samples;
+* svi_lean_torch_optim: the lean ELBO's ``differentiable_loss`` with one ``torch.optim.Adam``
+  (two parameter groups, ``foreach``) instead of ``pyro.optim.Adam``, which keeps one torch
+  optimizer per parameter and steps them one by one;
+* torch_gated_lognormal: the gated network with untruncated log-normal gates
+  (``exp(loc + scale * eps)``, Normal-to-Normal KL): the cost of gating the network alone;
+* torch_gated_lognormal_addcmul: the same with each gate applied as
+  ``addcmul(b * (mask - theta), out, theta)``, one pass over the activation instead of three;
+* torch_gated_fused: torch_gated with one ``TruncatedLogNormal`` over all 570 gates (one
+  ``rsample`` and one KL instead of one per layer) and the ``addcmul`` gating.
+
+``--profile`` instead profiles the default SVI step (cProfile, by function; then
+``torch.profiler``, by operator, on one thread) and prints the tables.
+
+    python benchmarks/svi_overhead.py [--repeats 200] [--batch-size 128] [--warmup 20]
+        [--threads N] [--no-variants] [--jit] [--profile]
+"""
+
+import argparse
+import cProfile
+import json
+import math
+import os
+import platform
+import pstats
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import pyro
+import pyro.infer.util
+import pyro.poutine.util
+import torch
+import torch.nn.functional as F
+import torch.profiler
+from pyro import poutine
+from pyro.distributions import Independent
+from pyro.infer import SVI, JitTraceMeanField_ELBO, TraceMeanField_ELBO
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.util import prune_subsample_sites
+from torch.distributions import Normal, kl_divergence
+
+from pyro_sbp.distributions import TruncatedLogNormal, TruncatedLogUniform
+from pyro_sbp.guides import SBPGuide
+from pyro_sbp.models import (
+    DEFAULT_HIGH,
+    DEFAULT_LOW,
+    SBPModel,
+    build_network,
+    gated_layer_name,
+    make_prunable,
+    named_gates,
+)
+
+RESULTS = Path(__file__).parent / "results" / "svi_overhead.json"
+NETWORK = "lenet5-caffe"
+INPUT_SHAPE = (1, 28, 28)
+NUM_DATA = 60000
+LR, GATE_LR, BETAS = 1e-3, 1e-2, (0.95, 0.999)  # the Trainer's defaults
+
+
+def _optim_args(name: str) -> dict:
+    gate = name.endswith((".gate.loc", ".gate.log_scale"))
+    return {"lr": GATE_LR if gate else LR, "betas": BETAS}
+
+
+# --- the prototype ELBO ---------------------------------------------------------------------
+
+
+def _compact(fn):
+    """``fn`` without the leading batch dims that a plate added by expanding (stride 0)."""
+    base, k = (
+        (fn.base_dist, fn.reinterpreted_batch_ndims) if isinstance(fn, Independent) else (fn, 0)
+    )
+    if isinstance(base, TruncatedLogNormal):
+        params, cls = [base.loc, base.scale, base.low, base.high], TruncatedLogNormal
+    elif isinstance(base, TruncatedLogUniform):
+        params, cls = [base.low, base.high], TruncatedLogUniform
+    else:
+        return fn
+    while all(t.dim() > k and t.stride(0) == 0 for t in params):
+        params = [t[0] for t in params]
+    d = cls(*params, validate_args=False)
+    return d.to_event(k) if k else d
+
+
+class LeanMeanFieldELBO(TraceMeanField_ELBO):
+    """``TraceMeanField_ELBO`` without the unused log-densities of latent sites, with each KL
+    computed on the un-expanded parameters and multiplied by the number of copies (exact when
+    the plate only expanded the distribution, as it does for SBP's gates)."""
+
+    def _get_trace(self, model, guide, args, kwargs):
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+        guide_trace = prune_subsample_sites(guide_trace)
+        model_trace = prune_subsample_sites(model_trace)
+        model_trace.compute_log_prob(site_filter=lambda _name, site: site["is_observed"])
+        return model_trace, guide_trace
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        elbo = 0.0
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if site["is_observed"]:
+                elbo = elbo + site["log_prob_sum"]
+                continue
+            guide_site = guide_trace.nodes[name]
+            assert guide_site["mask"] is None
+            q = _compact(guide_site["fn"])
+            copies = guide_site["fn"].batch_shape.numel() // q.batch_shape.numel()
+            kl = kl_divergence(q, _compact(site["fn"])).sum()
+            elbo = elbo - kl * (copies * guide_site["scale"])
+        return -elbo.item(), -elbo
+
+
+# --- plain-PyTorch references -----------------------------------------------------------------
+
+
+class TorchGates:
+    """Gates on a plain network by forward hooks, as ``make_prunable`` places them
+    (``layer -> gate -> bias``), with per-example noise and no Pyro.
+
+    :param str kind: ``"truncated"`` (``TruncatedLogNormal`` posterior, KL once per unit),
+        ``"as_pyro"`` (the same plus what ``TraceMeanField_ELBO`` computes on top) or
+        ``"lognormal"`` (untruncated log-normal noise, Normal-to-Normal KL).
+    :param bool fuse_sites: one distribution over the gates of all layers, split afterwards.
+    :param bool addcmul: gate as ``out * theta + b * (mask - theta)`` in one ``addcmul``
+        instead of ``(out - b) * theta + b * mask`` (the same value).
+    """
+
+    def __init__(self, net, layers, num_units, kind, fuse_sites=False, addcmul=False):
+        self.kind, self.fuse_sites, self.addcmul = kind, fuse_sites, addcmul
+        self.num_units = dict(zip(layers, num_units, strict=True))
+        self.loc = {n: torch.zeros(u, requires_grad=True) for n, u in self.num_units.items()}
+        self.log_scale = {
+            n: torch.full((u,), -5.0, requires_grad=True) for n, u in self.num_units.items()
+        }
+        if fuse_sites:
+            total = sum(num_units)
+            self.loc = {"all": torch.zeros(total, requires_grad=True)}
+            self.log_scale = {"all": torch.full((total,), -5.0, requires_grad=True)}
+        self.mask = {n: torch.ones(u) for n, u in self.num_units.items()}
+        self.theta = {}
+        modules = dict(net.named_modules())
+        for name in layers:
+            modules[name].register_forward_hook(self._hook(name))
+
+    def parameters(self):
+        return [*self.loc.values(), *self.log_scale.values()]
+
+    def _hook(self, name):
+        def hook(layer, _inputs, out):
+            mask = self.mask[name]
+            theta = self.theta[name] * mask
+            b = layer.bias.reshape((1, -1) + (1,) * (out.dim() - 2))
+            shape = theta.shape + (1,) * (out.dim() - 2)
+            if self.addcmul:
+                theta = theta.reshape(shape)
+                return torch.addcmul(b * (mask.reshape(b.shape) - theta), out, theta)
+            return (out - b) * theta.reshape(shape) + b * mask.reshape(b.shape)
+
+        return hook
+
+    def _truncated(self, loc, log_scale, batch):
+        q = TruncatedLogNormal(loc, log_scale.exp(), DEFAULT_LOW, DEFAULT_HIGH)
+        prior = TruncatedLogUniform(q.low.new_tensor(DEFAULT_LOW), DEFAULT_HIGH)
+        if self.kind == "as_pyro":
+            q, prior = q.expand((batch, *q.batch_shape)), prior.expand((batch, *q.batch_shape))
+            theta = q.rsample()
+            q.log_prob(theta)  # computed by TraceMeanField_ELBO, never used
+            prior.log_prob(theta)
+            return theta, kl_divergence(q, prior).sum() / batch
+        return q.rsample((batch,)), kl_divergence(q, prior.expand(q.batch_shape)).sum()
+
+    def sample(self, batch: int) -> torch.Tensor:
+        """Draw every gate's per-example noise into ``self.theta``; return the total KL."""
+        kl = 0.0
+        for key in self.loc:
+            loc, log_scale = self.loc[key], self.log_scale[key]
+            if self.kind == "lognormal":
+                eps = torch.randn(batch, loc.shape[0])
+                theta = (loc + log_scale.exp() * eps).exp().clamp(DEFAULT_LOW, DEFAULT_HIGH)
+                kl = kl + kl_divergence(Normal(loc, log_scale.exp()), Normal(0.0, 1.0)).sum()
+            else:
+                theta, site_kl = self._truncated(loc, log_scale, batch)
+                kl = kl + site_kl
+            if self.fuse_sites:
+                thetas = theta.split(list(self.num_units.values()), dim=-1)
+                self.theta.update(zip(self.num_units, thetas, strict=True))
+            else:
+                self.theta[key] = theta
+        return kl
+
+
+# --- the benchmark ----------------------------------------------------------------------------
+
+
+def _plain_step(net, optim, x, y):
+    optim.zero_grad()
+    F.cross_entropy(net(x), y).backward()
+    optim.step()
+
+
+def _torch_gated_step(net, gates, optim, x, y, num_data):
+    optim.zero_grad()
+    kl = gates.sample(x.shape[0])
+    nll = F.cross_entropy(net(x), y, reduction="sum") * (num_data / x.shape[0])
+    (nll + kl).backward()
+    optim.step()
+
+
+def _gated_setup():
+    net = make_prunable(build_network(NETWORK))
+    model = SBPModel(net, NUM_DATA, INPUT_SHAPE)
+    guide = SBPGuide(net, NUM_DATA)
+    return net, model, guide
+
+
+def _validation_state() -> dict:
+    return {
+        "pyro.infer": pyro.infer.util.is_validation_enabled(),
+        "pyro.poutine": pyro.poutine.util.is_validation_enabled(),
+        "pyro.distributions": pyro.distributions.is_validation_enabled(),
+        "torch.distributions": bool(torch.distributions.Distribution._validate_args),
+    }
+
+
+def _iqr(values):
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[2] - q[0]
+
+
+def _p90(values):
+    return statistics.quantiles(values, n=10, method="inclusive")[-1]
+
+
+#: Differences of medians that split the SVI step into its parts: (label, minuend, subtrahend).
+BREAKDOWN = (
+    ("network: the plain step", "plain", None),
+    ("gating the activations (with cheap log-normal noise)", "torch_gated_lognormal", "plain"),
+    (
+        "truncated gate distributions (rsample, KL) over log-normal",
+        "torch_gated",
+        "torch_gated_lognormal",
+    ),
+    ("TraceMeanField_ELBO's extra tensor work", "torch_gated_as_pyro", "torch_gated"),
+    (
+        "Pyro bookkeeping (traces, PyroModule, per-param optimizers)",
+        "svi_no_validation",
+        "torch_gated_as_pyro",
+    ),
+    ("Pyro's validation", "svi", "svi_no_validation"),
+)
+
+
+def build_steps(args, x, y, idx):
+    """Name -> zero-argument callable doing one training step; and the number of gates."""
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    net, model, guide = _gated_setup()
+    svi = SVI(model, guide, pyro.optim.Adam(_optim_args), TraceMeanField_ELBO())
+    default_validation = is_validation_enabled()
+
+    plain = build_network(NETWORK)
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if ".gate." not in k})
+    plain_optim = torch.optim.Adam(plain.parameters(), lr=LR, betas=BETAS)
+
+    steps = {
+        "plain": lambda: _plain_step(plain, plain_optim, x, y),
+        "svi": lambda: svi.step(x, y, idx),
+    }
+    num_gates = sum(gate.num_units for _, gate in named_gates(net))
+    if args.no_variants:
+        return steps, num_gates
+
+    def no_validation():
+        pyro.enable_validation(False)
+        try:
+            svi.step(x, y, idx)
+        finally:
+            pyro.enable_validation(default_validation)
+
+    steps["svi_no_validation"] = no_validation
+
+    if args.jit:
+        svi_jit = SVI(model, guide, pyro.optim.Adam(_optim_args), JitTraceMeanField_ELBO())
+        steps["svi_jit"] = lambda: svi_jit.step(x, y, idx)
+    svi_lean = SVI(model, guide, pyro.optim.Adam(_optim_args), LeanMeanFieldELBO())
+    steps["svi_lean"] = lambda: svi_lean.step(x, y, idx)
+
+    # The lean ELBO's loss with one torch.optim.Adam over all parameters (two groups).
+    lean = LeanMeanFieldELBO()
+    lean.differentiable_loss(model, guide, x, y, idx)  # creates every parameter
+    store = pyro.get_param_store()
+    groups = {True: [], False: []}
+    for name in store.keys():
+        groups[_optim_args(name)["lr"] == GATE_LR].append(store[name].unconstrained())
+    optim = torch.optim.Adam(
+        [{"params": groups[False], "lr": LR}, {"params": groups[True], "lr": GATE_LR}],
+        betas=BETAS,
+        foreach=True,
+    )
+
+    def lean_torch_optim():
+        optim.zero_grad()
+        lean.differentiable_loss(model, guide, x, y, idx).backward()
+        optim.step()
+
+    steps["svi_lean_torch_optim"] = lean_torch_optim
+
+    sites = list(named_gates(net))
+    layers = [gated_layer_name(site) for site, _ in sites]
+    units = [gate.num_units for _, gate in sites]
+    for label, kind, options in (
+        ("torch_gated", "truncated", {}),
+        ("torch_gated_as_pyro", "as_pyro", {}),
+        ("torch_gated_lognormal", "lognormal", {}),
+        ("torch_gated_lognormal_addcmul", "lognormal", {"addcmul": True}),
+        ("torch_gated_fused", "truncated", {"fuse_sites": True, "addcmul": True}),
+    ):
+        tnet = build_network(NETWORK)
+        tnet.load_state_dict(plain.state_dict())
+        gates = TorchGates(tnet, layers, units, kind, **options)
+        optim = torch.optim.Adam(
+            [
+                {"params": list(tnet.parameters()), "lr": LR},
+                {"params": gates.parameters(), "lr": GATE_LR},
+            ],
+            betas=BETAS,
+        )
+        steps[label] = lambda tnet=tnet, gates=gates, optim=optim: _torch_gated_step(
+            tnet, gates, optim, x, y, NUM_DATA
+        )
+    return steps, num_gates
+
+
+def run(args) -> dict:
+    torch.manual_seed(0)
+    x = torch.rand(args.batch_size, *INPUT_SHAPE)
+    y = torch.randint(10, (args.batch_size,))
+    idx = torch.randperm(NUM_DATA)[: args.batch_size]
+    validation = _validation_state()
+    steps, num_gates = build_steps(args, x, y, idx)
+    names = list(steps)
+    errors = {}
+    with warnings.catch_warnings():
+        # JIT tracing warns about the data-dependent branches it freezes (see the docstring).
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*torch.jit.trace.*", category=FutureWarning)
+        for name in list(names):
+            try:
+                for _ in range(args.warmup):
+                    steps[name]()
+            except Exception as e:  # a variant that does not run is reported, not fatal
+                errors[name] = f"{type(e).__name__}: {e}"
+                names.remove(name)
+        times = {name: [] for name in names}
+        load_before = os.getloadavg()
+        for rep in range(args.repeats):
+            shift = rep % len(names)
+            for name in names[shift:] + names[:shift]:
+                t0 = time.perf_counter()
+                steps[name]()
+                times[name].append(time.perf_counter() - t0)
+        load_after = os.getloadavg()
+
+    med = {name: statistics.median(t) for name, t in times.items()}
+    result = {
+        "network": NETWORK,
+        "gates": num_gates,
+        "batch_size": args.batch_size,
+        "device": "cpu",
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "threads": torch.get_num_threads(),
+        "ratio": med["svi"] / med["plain"],
+        "target": 1.3,
+        "svi_median_s": med["svi"],
+        "plain_median_s": med["plain"],
+        "svi_iqr_s": _iqr(times["svi"]),
+        "plain_iqr_s": _iqr(times["plain"]),
+        "svi_p90_s": _p90(times["svi"]),
+        "plain_p90_s": _p90(times["plain"]),
+        "elbo": "TraceMeanField_ELBO",
+        "validation_default": validation,
+        "variants": {
+            name: {
+                "median_s": med[name],
+                "iqr_s": _iqr(times[name]),
+                "p90_s": _p90(times[name]),
+                "ratio_to_plain": med[name] / med["plain"],
+            }
+            for name in names
+            if name not in ("svi", "plain")
+        },
+        "variant_errors": errors,
+        "loadavg_1min_before_after": [load_before[0], load_after[0]],
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "python": platform.python_version(),
+        "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    if all(a in med and (b is None or b in med) for _, a, b in BREAKDOWN):
+        result["breakdown_ms"] = {
+            label: 1e3 * (med[a] - (med[b] if b else 0.0)) for label, a, b in BREAKDOWN
+        }
+    if "svi_jit" in names:
+        result["variants"]["svi_jit"]["note"] = (
+            "trace freezes data-dependent branches of _standard._overlay: not safe to train with"
+        )
+    return result
+
+
+def profile(args) -> None:
+    torch.manual_seed(0)
+    x = torch.rand(args.batch_size, *INPUT_SHAPE)
+    y = torch.randint(10, (args.batch_size,))
+    idx = torch.randperm(NUM_DATA)[: args.batch_size]
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    _, model, guide = _gated_setup()
+    svi = SVI(model, guide, pyro.optim.Adam(_optim_args), TraceMeanField_ELBO())
+    for _ in range(args.warmup):
+        svi.step(x, y, idx)
+    n = 50
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        svi.step(x, y, idx)
+    pr.disable()
+    stats = pstats.Stats(pr)
+    print(f"cProfile of {n} SVI steps (times are totals over the {n} steps)")
+    stats.sort_stats("cumulative").print_stats(45)
+    stats.sort_stats("tottime").print_stats(25)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per-operator times are stable on one thread
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True
+    ) as prof:
+        for _ in range(10):
+            svi.step(x, y, idx)
+    torch.set_num_threads(threads)
+    print("torch.profiler of 10 SVI steps on 1 thread")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+    print(
+        prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=30
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    parser.add_argument("--no-variants", action="store_true", help="time only svi and plain")
+    parser.add_argument("--jit", action="store_true", help="also time JitTraceMeanField_ELBO")
+    parser.add_argument("--profile", action="store_true", help="profile the SVI step instead")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.profile:
+        profile(args)
+        return
+    result = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    if not math.isfinite(result["ratio"]):
+        raise SystemExit("non-finite ratio")
+
+
+if __name__ == "__main__":
+    main()

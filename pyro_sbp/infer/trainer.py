@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import pickle
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -252,7 +253,11 @@ class Trainer:
         return {"lr": c.gate_lr if _gate_param(name) else c.lr, "betas": (c.beta1, 0.999)}
 
     def _load_pretrained(self, path: str) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except pickle.UnpicklingError:
+            # A pyro-sbp checkpoint (its RNG and optimiser states are not plain tensors).
+            state = load_checkpoint(path, map_location=self.device)
         state = state.get("net_state", state)
         # Pretrained weights come from a plain network: gate buffers may be absent.
         own = {k: v for k, v in self.net.state_dict().items() if ".gate." not in k}

@@ -1,5 +1,6 @@
 """Trainer odds and ends: history records, pretrained weights, evaluation, units kept."""
 
+import pyro
 import pytest
 import torch
 
@@ -61,3 +62,26 @@ def test_pretrained_weights_of_another_shape_are_refused(tmp_path):
         Trainer(_config(pretrained=str(path)), None, progress=False)
     message = str(info.value)
     assert "classifier.1.weight: network (16, 64), checkpoint (32, 64)" in message, message
+
+
+def test_pretrained_weights_from_a_pyro_sbp_checkpoint(tmp_path):
+    # A run's own checkpoint.pt (with optimiser and RNG states) is accepted as --pretrained.
+    first = tmp_path / "first"
+    config = TrainConfig(
+        epochs=0, pretrain_epochs=1, batch_size=64, network_kwargs={"hidden": [16, 8]}
+    )
+    Trainer(config, first, progress=False).fit()
+    pyro.clear_param_store()
+    second = TrainConfig(
+        epochs=1,
+        pretrain_epochs=3,
+        batch_size=64,
+        network_kwargs={"hidden": [16, 8]},
+        pretrained=str(first / "checkpoint.pt"),
+    )
+    trainer = Trainer(second, None, progress=False)
+    saved = torch.load(first / "checkpoint.pt", weights_only=False)["net_state"]
+    for name, value in trainer.net.state_dict().items():
+        if ".gate." not in name:
+            assert torch.equal(value, saved[name]), name
+    assert trainer.config.pretrain_epochs == 0 and second.pretrain_epochs == 3

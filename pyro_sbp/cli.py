@@ -62,11 +62,24 @@ def _add_train(sub) -> None:
         help="prune during training: recompute masks after every SVI epoch (e.g. bmrs-n)",
     )
     p.add_argument("--finetune-epochs", type=int, default=0, help="SVI epochs with frozen masks")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's); 1 is much faster when the machine is shared",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _run_train(args) -> int:
+    import torch
+
     from pyro_sbp.infer import TrainConfig, Trainer
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be positive, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
     config = TrainConfig(
         model=args.model,

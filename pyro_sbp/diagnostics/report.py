@@ -97,7 +97,9 @@ def _plot_log_theta(trainer, result, path: Path):
 
 def _plot_delta_f_snr(trainer, result, path: Path):
     plt = _pyplot()
-    bmrs = compute_masks(trainer.net, trainer.guide, "bmrs-n")
+    # Delta F of the report's criterion when it is a BMRS one, else BMRS_N's.
+    bmrs = result if result.score_name == "delta_f" else None
+    bmrs = bmrs or compute_masks(trainer.net, trainer.guide, "bmrs-n")
     snr = compute_masks(trainer.net, trainer.guide, "snr:1")
     sites = list(bmrs.layers)
     fig, axes = plt.subplots(1, len(sites), figsize=(4.2 * len(sites), 3.6), squeeze=False)
@@ -113,9 +115,12 @@ def _plot_delta_f_snr(trainer, result, path: Path):
         ax.set_yscale("symlog")
         ax.set_title(site)
         ax.set_xlabel("SNR")
-        ax.set_ylabel("Delta F (BMRS_N)")
+        ax.set_ylabel(f"Delta F ({bmrs.criterion})")
         ax.legend(fontsize=8)
-    fig.suptitle("Delta F >= 0: the unit goes (BMRS_N); SNR = 1 dashed")
+    fig.suptitle(
+        f"Delta F >= 0: the unit goes ({bmrs.criterion}); SNR = 1 dashed; "
+        f"colours: kept/removed by {result.criterion}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

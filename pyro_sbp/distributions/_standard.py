@@ -119,6 +119,9 @@ def _overlay(mask: Tensor, fn_rare, fn_common, *args: Tensor) -> tuple[Tensor, .
     All ``args`` share the shape of ``mask``; each function takes and returns flat tensors.
     ``fn_common`` must stay finite on every input (its values are discarded where ``mask``
     holds, and so are their gradients); ``fn_rare`` sees only its own elements.
+
+    The branch taken depends on the data (``mask.any()``), so a trace of it (``torch.jit.trace``,
+    and with it Pyro's ``JitTraceMeanField_ELBO``) would freeze one branch: do not trace it.
     """
     shape = mask.shape
     flat_mask = mask.reshape(-1)

@@ -220,7 +220,18 @@ class _MLPNet(_Net):
 
 
 class _LeNetMLP(_MLPNet):
-    """The LeNet MLPs: ReLU layers of the class's ``hidden`` widths on 28x28 images."""
+    """The LeNet MLPs: ReLU layers of the class's ``hidden`` widths on 28x28 images.
+
+    Input images of shape ``(1, 28, 28)`` are flattened by the first layer of ``classifier``.
+
+    :param num_classes: Number of outputs.
+    :param in_channels: Number of image channels.
+    :param image_size: Height (= width) of the input images.
+    :param in_features: If given, overrides ``in_channels * image_size ** 2`` and the network
+        expects flat inputs of shape ``(in_features,)``.
+    :param mean: Input mean (scalar or per channel).
+    :param std: Input standard deviation (scalar or per channel).
+    """
 
     hidden: tuple[int, ...] = ()
 
@@ -243,15 +254,7 @@ class LeNet300100(_LeNetMLP):
     LeNet-300-100: the fully connected MNIST network 784-300-100-10 with ReLU of LeCun et
     al. (1998) [1], as used for pruning by Neklyudov et al. (2017) [2].
 
-    Input images of shape ``(1, 28, 28)`` are flattened by the first layer of ``classifier``.
-
-    :param num_classes: Number of outputs.
-    :param in_channels: Number of image channels.
-    :param image_size: Height (= width) of the input images.
-    :param in_features: If given, overrides ``in_channels * image_size ** 2`` and the network
-        expects flat inputs of shape ``(in_features,)``.
-    :param mean: Input mean (scalar or per channel).
-    :param std: Input standard deviation (scalar or per channel).
+    The constructor's parameters are :class:`_LeNetMLP`'s.
     """
 
     hidden = (300, 100)
@@ -262,15 +265,7 @@ class LeNet500300(_LeNetMLP):
     LeNet-500-300: the fully connected MNIST network 784-500-300-10 with ReLU of LeCun et
     al. (1998) [1].
 
-    Input images of shape ``(1, 28, 28)`` are flattened by the first layer of ``classifier``.
-
-    :param num_classes: Number of outputs.
-    :param in_channels: Number of image channels.
-    :param image_size: Height (= width) of the input images.
-    :param in_features: If given, overrides ``in_channels * image_size ** 2`` and the network
-        expects flat inputs of shape ``(in_features,)``.
-    :param mean: Input mean (scalar or per channel).
-    :param std: Input standard deviation (scalar or per channel).
+    The constructor's parameters are :class:`_LeNetMLP`'s.
     """
 
     hidden = (500, 300)

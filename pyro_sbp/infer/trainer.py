@@ -12,7 +12,7 @@ from typing import Any
 import pyro
 import torch
 import torch.nn.functional as F
-from pyro.infer import SVI, TraceMeanField_ELBO
+from pyro.infer import TraceMeanField_ELBO
 from pyro.optim import Adam
 from torch import nn
 from tqdm.auto import tqdm
@@ -201,7 +201,6 @@ class Trainer:
         self.guide = SBPGuide(self.net, num_data, init_log_scale=config.init_log_scale)
         self.optim = Adam(self._optim_args)
         self.elbo = TraceMeanField_ELBO()
-        self.svi = SVI(self.model, self.guide, self.optim, self.elbo)
         self.pretrain_optim = torch.optim.Adam(self.net.parameters(), lr=config.pretrain_lr)
         self.history: list[dict[str, Any]] = []
         self.pretrain_done = 0

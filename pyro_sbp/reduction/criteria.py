@@ -6,13 +6,19 @@ criterion              keeps a unit iff
 ``bmrs-n``             :math:`\\Delta F < 0` for the reduced prior
                        :math:`\\mathrm{LogN}_{[a,b]}(a, (10^{-6})^2)` (BMRS_N: "theta pinned at
                        its lower bound")
+``bmrs-n-published``   the published BMRS code's :math:`\\Delta F_N`, which omits the normal
+                       density's :math:`-\\tfrac12\\log 2\\pi` and so is
+                       :math:`\\Delta F_N + 0.919`: it removes a unit iff the posterior density
+                       of :math:`\\log\\theta` at :math:`a` is at least :math:`1/\\sqrt{2\\pi}`
+                       times the prior's. For comparison with the paper's numbers only.
 ``bmrs-u:P``           :math:`\\Delta F < 0` for :math:`\\mathrm{LogU}` on
                        :math:`[2^{-23}, 2^{-P}]` (BMRS_U-P, the published criterion)
 ``bmrs-u-low:P``       the same on :math:`[e^{a}, 2^{-P}]`: "anything below :math:`2^{-P}` is off"
                        (also removes units whose posterior collapsed below :math:`2^{-23}`)
 ``snr:T``              :math:`\\mathbb E[\\theta]/\\mathrm{sd}[\\theta] > T` (SBP uses ``snr:1``)
 ``mean:T``             :math:`\\mathbb E[\\theta] > T`
-``l2:T``               the L2 norm of the unit's incoming weights exceeds ``T``
+``l2:T``               the L2 norm of the unit's incoming weights (of an input feature: its
+                       weights in the layer it enters) exceeds ``T``
 ``match:BASE:TARGET``  ``BASE`` (``snr``, ``mean`` or ``l2``) with the global threshold that
                        removes as many units as ``TARGET`` (any criterion above) does
 =====================  ==========================================================================
@@ -30,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from pyro_sbp.distributions import TruncatedLogNormal, TruncatedLogUniform
-from pyro_sbp.models import gated_layer_name, named_gates
+from pyro_sbp.models import gated_layer_name, is_input_gate, named_gates
 from pyro_sbp.reduction.delta_f import delta_f, snr
 
 #: The reduced prior's scale for BMRS_N (on log theta).
@@ -38,8 +44,11 @@ BMRS_N_SCALE = 1e-6
 #: log 2^-23: the float32 mantissa, the published lower end of BMRS_U's reduced prior.
 BMRS_U_LOW = 2.0**-23
 
+#: What the published BMRS code adds to Delta F_N: it drops the -log(2 pi)/2 of the normal density.
+PUBLISHED_BMRS_N_OFFSET = 0.5 * math.log(2 * math.pi)
+
 CRITERIA_HELP = (
-    "bmrs-n, bmrs-u:P, bmrs-u-low:P, snr:T, mean:T, l2:T, match:BASE:TARGET "
+    "bmrs-n, bmrs-n-published, bmrs-u:P, bmrs-u-low:P, snr:T, mean:T, l2:T, match:BASE:TARGET "
     "(BASE one of snr, mean, l2; TARGET any other criterion), e.g. bmrs-u:4, snr:1, "
     "match:snr:bmrs-n"
 )
@@ -142,13 +151,17 @@ def _posteriors64(guide) -> dict[str, tuple[TruncatedLogNormal, float, float]]:
 def _l2_scores(net: nn.Module, site: str) -> Tensor:
     layer = net.get_submodule(gated_layer_name(site))
     w = layer.weight.detach().cpu().double()
+    if is_input_gate(site):
+        # An input feature's weights are its column of the layer it enters.
+        return w.norm(dim=0)
     return w.reshape(w.shape[0], -1).norm(dim=1)
 
 
 def _scores(name: str, arg: float | None, net, guide) -> tuple[str, dict[str, Tensor]]:
     posts = _posteriors64(guide)
     f64 = torch.float64
-    if name == "bmrs-n":
+    if name in ("bmrs-n", "bmrs-n-published"):
+        offset = PUBLISHED_BMRS_N_OFFSET if name == "bmrs-n-published" else 0.0
         out = {}
         for site, (q, lo, hi) in posts.items():
             n = q.loc.shape[0]
@@ -156,7 +169,7 @@ def _scores(name: str, arg: float | None, net, guide) -> tuple[str, dict[str, Te
             reduced = TruncatedLogNormal(
                 torch.tensor(math.log(lo), dtype=f64), BMRS_N_SCALE, lo, hi, validate_args=False
             ).expand([n])
-            out[site] = delta_f(q, prior, reduced)
+            out[site] = delta_f(q, prior, reduced) + offset
         return "delta_f", out
     if name in ("bmrs-u", "bmrs-u-low"):
         out = {}
@@ -185,8 +198,8 @@ def _scores(name: str, arg: float | None, net, guide) -> tuple[str, dict[str, Te
 def parse_criterion(criterion: str) -> tuple[str, float | None, str | None]:
     """``(name, argument, match target)``; ValueError listing the valid criteria otherwise."""
     c = criterion.strip().lower()
-    if c == "bmrs-n":
-        return "bmrs-n", None, None
+    if c in ("bmrs-n", "bmrs-n-published"):
+        return c, None, None
     m = re.fullmatch(r"(bmrs-u|bmrs-u-low):" + _NUMBER, c)
     if m:
         return m.group(1), float(m.group(2)), None

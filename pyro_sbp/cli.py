@@ -63,6 +63,13 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--finetune-epochs", type=int, default=0, help="SVI epochs with frozen masks")
     p.add_argument(
+        "--input-gates",
+        nargs="+",
+        default=[],
+        metavar="LAYER",
+        help="also gate the input features of these Linear layers (e.g. classifier.1)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -102,6 +109,7 @@ def _run_train(args) -> int:
         network_kwargs=args.network_kwargs,
         prune_criterion=args.prune_criterion,
         finetune_epochs=args.finetune_epochs,
+        input_gates=list(args.input_gates),
     )
     trainer = Trainer(config, args.out, resume=args.resume, progress=not args.no_progress)
     history = trainer.fit()

@@ -16,7 +16,8 @@ from pyro_sbp.reduction.criteria import _posteriors64
 
 
 def var_name(site: str) -> str:
-    """A netCDF-safe variable name for a gate site: ``"features.0.gate"`` -> ``"features_0"``."""
+    """A netCDF-safe variable name for a gate site: ``"features.0.gate"`` -> ``"features_0"``,
+    ``"classifier.1.input_gate"`` -> ``"classifier_1_input_gate"``."""
     layer = site[: -len(".gate")] if site.endswith(".gate") else site
     return layer.replace(".", "_")
 

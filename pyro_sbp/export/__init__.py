@@ -2,7 +2,9 @@
 and its parameters, FLOPs and latency."""
 
 from pyro_sbp.export.exporter import (
+    FeatureSelect,
     InputNormalization,
+    MaxPool2x2,
     export_full,
     export_pruned,
     load_torchscript,
@@ -17,7 +19,9 @@ from pyro_sbp.export.measure import (
 )
 
 __all__ = [
+    "FeatureSelect",
     "InputNormalization",
+    "MaxPool2x2",
     "compare",
     "count_flops",
     "count_parameters",

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from pyro_sbp.models.gate import SBPGate
 from pyro_sbp.models.nets import Normalize
-from pyro_sbp.models.prunable import named_gates
+from pyro_sbp.models.prunable import is_input_gate, named_gates
 
 _LAYERS = (nn.Linear, nn.Conv2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -46,6 +46,52 @@ class InputNormalization(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
+
+
+class FeatureSelect(nn.Module):
+    """Keeps the features ``index`` of dim 1: the inputs a layer still uses when some of its input
+    features were pruned by an input gate (scriptable)."""
+
+    def __init__(self, index: Tensor):
+        super().__init__()
+        self.register_buffer("index", index.clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.index_select(1, self.index)
+
+    def extra_repr(self) -> str:
+        return f"{self.index.numel()} features"
+
+
+class MaxPool2x2(nn.Module):
+    """``nn.MaxPool2d(2)`` computed as two strided element-wise maxima (rows, then columns).
+
+    The same values (a maximum is exact; NaN propagates as in the pooling kernel), but on the CPU
+    several times faster than PyTorch's pooling kernel for the small channel counts of pruned
+    networks, where that kernel dominated the exported network's time
+    (``benchmarks/export_speedup.py``).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+        x = x[..., :h, :w]
+        x = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])
+        return torch.maximum(x[..., 0::2], x[..., 1::2])
+
+
+def _is_max_pool_2x2(m: nn.Module) -> bool:
+    def pair(v):
+        return tuple(v) if isinstance(v, tuple | list) else (v, v)
+
+    return (
+        type(m) is nn.MaxPool2d
+        and pair(m.kernel_size) == (2, 2)
+        and pair(m.stride or m.kernel_size) == (2, 2)
+        and pair(m.padding) == (0, 0)
+        and pair(m.dilation) == (1, 1)
+        and not m.ceil_mode
+        and not m.return_indices
+    )
 
 
 @torch.no_grad()
@@ -210,10 +256,11 @@ def export_pruned(
     leaves = _leaves(net)
     dtype = next(net.parameters()).dtype
     gate_of_layer = {}
+    input_gate_of_layer = {}
     gate_after = {}
     for site, gate in gates.items():
         layer_name = site.rpartition(".")[0]
-        gate_of_layer[layer_name] = (site, gate)
+        (input_gate_of_layer if is_input_gate(site) else gate_of_layer)[layer_name] = (site, gate)
     for name, m in leaves:
         g = getattr(m, "_sbp_gate", None)
         if g is not None:
@@ -231,7 +278,9 @@ def export_pruned(
         if shape is None:
             raise RuntimeError(f"module {name!r} is not reached by the forward pass")
         if isinstance(m, _LAYERS):
-            new, pending = _export_layer(name, m, flow, gate_of_layer.get(name), masks, shape)
+            new, pending = _export_layer(
+                name, m, flow, gate_of_layer.get(name), masks, input_gate_of_layer.get(name)
+            )
         elif isinstance(m, _NORMS):
             new = _export_norm(name, m, flow, gate_after.get(name), pending, masks)
             pending = None
@@ -266,12 +315,27 @@ def _selection(site_gate, masks, n: int, dtype):
     return keep, value.index_select(0, keep)
 
 
-def _export_layer(name, m, flow: _Flow, site_gate, masks, shape):
+def _export_layer(name, m, flow: _Flow, site_gate, masks, input_gate=None):
     weight = m.weight.detach().cpu()
     bias = None if m.bias is None else m.bias.detach().cpu()
     n_out = weight.shape[0]
     keep, value = _selection(site_gate, masks, n_out, weight.dtype)
+    select = None
+    if input_gate is not None:
+        # gate -> Linear: E[theta] of each kept input scales its column; a removed input's column
+        # is 0, so that the constants of removed upstream units it carried vanish too.
+        site, gate = input_gate
+        in_mask = (masks[site] if masks is not None and site in masks else gate.mask).cpu() > 0
+        weight = weight * (gate.theta_mean.detach().cpu().to(weight.dtype) * in_mask)
     w_in, b = _fold_inputs(weight, bias, flow, n_out)
+    if input_gate is not None:
+        # Of the features present (flow.keep), those the input gate keeps.
+        pos = in_mask.index_select(0, flow.keep).nonzero().squeeze(-1)
+        if pos.numel() < flow.keep.numel():
+            if pos.numel() == 0:
+                pos = torch.zeros(1, dtype=torch.long)  # one dead input (a zero column)
+            w_in = w_in.index_select(1, pos)
+            select = FeatureSelect(pos)
     w = w_in.index_select(0, keep)
     b = b.index_select(0, keep)
     pending = None
@@ -308,6 +372,8 @@ def _export_layer(name, m, flow: _Flow, site_gate, masks, shape):
     # Downstream of this layer: its kept units; a removed unit outputs exactly 0 (and so does a
     # dead unit, through its zero weights and bias).
     flow.set(keep, n_out, torch.zeros(n_out - keep.numel(), dtype=w.dtype))
+    if select is not None:
+        new = nn.Sequential(OrderedDict(select=select, layer=new))
     return new, pending
 
 
@@ -380,6 +446,7 @@ def _streamline(net: nn.Sequential) -> nn.Sequential:
       statistics: :math:`W' = W / s`, :math:`b' = b - W' m`.
     * An activation followed by a ``MaxPool2d`` is moved after it: a non-decreasing
       element-wise function commutes with the maximum, and it then touches 1/k^2 of the values.
+    * ``MaxPool2d(2)`` becomes :class:`MaxPool2x2` (two strided maxima, same values, faster).
     """
     leaves = [(name, m) for name, m in net.named_modules() if not list(m.children())]
     _fold_normalization(net, leaves)
@@ -389,6 +456,9 @@ def _streamline(net: nn.Sequential) -> nn.Sequential:
             act, pool = parent._modules[keys[i]], parent._modules[keys[i + 1]]
             if isinstance(act, _MONOTONE) and isinstance(pool, nn.MaxPool2d):
                 parent._modules[keys[i]], parent._modules[keys[i + 1]] = pool, act
+        for key in keys:
+            if _is_max_pool_2x2(parent._modules[key]):
+                parent._modules[key] = MaxPool2x2()
     return net
 
 
@@ -405,12 +475,21 @@ def _fold_normalization(net: nn.Module, leaves) -> None:
     norm_name, norm = leaves[0]
     rest = leaves[1:]
     i = 0
-    while i < len(rest) and isinstance(rest[i][1], nn.Flatten | nn.Identity):
+    index = None
+    while i < len(rest) and isinstance(rest[i][1], nn.Flatten | nn.Identity | FeatureSelect):
+        if isinstance(rest[i][1], FeatureSelect):
+            if index is not None:
+                return
+            index = rest[i][1].index
         i += 1
     if i == len(rest):
         return
     _, layer = rest[i]
     mean, std = norm.mean[0], norm.std[0]
+    if index is not None:
+        if not isinstance(layer, nn.Linear):
+            return
+        mean, std = mean.reshape(-1).index_select(0, index), std.reshape(-1).index_select(0, index)
     if isinstance(layer, nn.Linear) and mean.numel() == layer.in_features:
         m, s = mean.reshape(-1), std.reshape(-1)
         w = layer.weight / s
@@ -419,6 +498,7 @@ def _fold_normalization(net: nn.Module, leaves) -> None:
     elif (
         isinstance(layer, nn.Conv2d)
         and i == 0
+        and index is None
         and not _has_padding(layer)
         and mean.dim() == 3
         and bool((mean == mean[:, :1, :1]).all())

@@ -62,6 +62,8 @@ class TrainConfig:
         masks are recomputed with this criterion (see :mod:`pyro_sbp.reduction.criteria`);
         removed units are off in training and evaluation from then on.
     :ivar finetune_epochs: SVI epochs after the ``epochs``, with the masks frozen.
+    :ivar input_gates: ``nn.Linear`` layers whose input features also get gates (see
+        :func:`~pyro_sbp.models.make_prunable`), e.g. ``["classifier.1"]``.
     """
 
     model: str = "digits-mlp"
@@ -85,6 +87,7 @@ class TrainConfig:
     pretrained: str | None = None
     prune_criterion: str | None = None
     finetune_epochs: int = 0
+    input_gates: list[str] = field(default_factory=list)
     network_kwargs: dict = field(default_factory=dict)
     dataset_kwargs: dict = field(default_factory=dict)
 
@@ -118,8 +121,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _gate_buffer(key: str) -> bool:
+    return ".gate." in key or ".input_gate." in key
+
+
 def _gate_param(name: str) -> bool:
-    return name.endswith((".gate.loc", ".gate.log_scale"))
+    return name.endswith(
+        (".gate.loc", ".gate.log_scale", ".input_gate.loc", ".input_gate.log_scale")
+    )
 
 
 @torch.no_grad()
@@ -245,7 +254,7 @@ class Trainer:
                 f"{c.dataset!r} has {tuple(self.splits.input_shape)}"
                 + (" (pass resize=32)" if tuple(expected)[-1] == 32 else "")
             )
-        return make_prunable(net, low=c.low, high=c.high)
+        return make_prunable(net, input_layers=c.input_gates, low=c.low, high=c.high)
 
     def _optim_args(self, name: str) -> dict:
         c = self.config
@@ -259,8 +268,8 @@ class Trainer:
             state = load_checkpoint(path, map_location=self.device)
         state = state.get("net_state", state)
         # Pretrained weights come from a plain network: gate buffers may be absent.
-        own = {k: v for k, v in self.net.state_dict().items() if ".gate." not in k}
-        theirs = {k: v for k, v in state.items() if ".gate." not in k}
+        own = {k: v for k, v in self.net.state_dict().items() if not _gate_buffer(k)}
+        theirs = {k: v for k, v in state.items() if not _gate_buffer(k)}
         diffs = architecture_mismatch(architecture(own), architecture(theirs))
         if diffs:
             raise ValueError(

@@ -9,6 +9,7 @@ from pyro_sbp.models.gate import DEFAULT_HIGH, DEFAULT_LOW, SBPGate
 from pyro_sbp.models.nets import INPUT_SHAPES, NETWORKS, Normalize, build_network
 from pyro_sbp.models.prunable import (
     gated_layer_name,
+    is_input_gate,
     make_prunable,
     named_gates,
     set_gates_enabled,
@@ -26,6 +27,7 @@ __all__ = [
     "build_network",
     "check_input",
     "gated_layer_name",
+    "is_input_gate",
     "make_prunable",
     "named_gates",
     "set_gates_enabled",

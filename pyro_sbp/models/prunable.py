@@ -61,10 +61,21 @@ def _gate_after_norm(norm: nn.Module, _inputs, out: Tensor) -> Tensor:
     return norm._sbp_gate(out)
 
 
+def _gate_inputs(layer: nn.Module, inputs: tuple) -> tuple:
+    # gate -> Linear: one gate per input feature (SBP also prunes single inputs of dense layers).
+    return (layer.input_gate(inputs[0]), *inputs[1:])
+
+
+#: Attribute (and last part of the site name) of a gate on a layer's outputs / inputs.
+GATE_ATTR = "gate"
+INPUT_GATE_ATTR = "input_gate"
+
+
 def make_prunable(
     net: nn.Module,
     layers: Sequence[str] | None = None,
     *,
+    input_layers: Sequence[str] = (),
     low: float = DEFAULT_LOW,
     high: float = DEFAULT_HIGH,
 ) -> nn.Module:
@@ -85,9 +96,18 @@ def make_prunable(
     (``conv -> BN -> gate -> nonlinearity``), because batch statistics would otherwise normalise
     the gate's scaling away. Either way a unit whose mask is 0 outputs exactly 0.
 
+    Input features can be gated too (``input_layers``): the gate ``"classifier.1.input_gate"``
+    multiplies each input feature of the ``Linear`` ``"classifier.1"`` before it (the SBP paper
+    prunes LeNet-500-300's input pixels, 784 -> 245, and the flattened features entering
+    LeNet5-Caffe's first dense layer this way). A removed input feature is exactly 0 for that
+    layer; :func:`pyro_sbp.export.export_pruned` drops its weight column and selects the kept
+    features.
+
     :param net: a plain network (or one already made prunable, which is an error).
     :param layers: names of the ``nn.Linear``/``nn.Conv2d`` layers to gate; by default every one
         but the last (the classifier, which must then be a ``Linear``).
+    :param input_layers: names of ``nn.Linear`` layers whose input features get a gate (none by
+        default).
     :param float low: lower bound of each gate (default :math:`e^{-20}`).
     :param float high: upper bound of each gate (default 1).
     :return: ``net`` itself.
@@ -96,12 +116,22 @@ def make_prunable(
         raise ValueError("the network already has gates")
     names = _default_layers(net) if layers is None else list(layers)
     modules = dict(net.named_modules())
-    for name in names:
+    input_names = list(input_layers)
+    for name in names + input_names:
         layer = modules.get(name)
         if layer is None:
             raise ValueError(f"no layer named {name!r}; layers: {sorted(n for n in modules if n)}")
         if not isinstance(layer, _GATEABLE):
             raise ValueError(f"layer {name!r} is a {type(layer).__name__}, not Linear or Conv2d")
+    for name in input_names:
+        layer = modules[name]
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(
+                f"input gates go on Linear layers; {name!r} is a {type(layer).__name__}"
+            )
+        # Registered before the output gate: the sites are sampled in forward order.
+        layer.input_gate = SBPGate(layer.in_features, low, high)
+        layer.register_forward_pre_hook(_gate_inputs)
     for name in names:
         layer = modules[name]
         units = _num_units(layer)
@@ -126,8 +156,14 @@ def named_gates(net: nn.Module) -> Iterator[tuple[str, SBPGate]]:
 
 
 def gated_layer_name(site: str) -> str:
-    """The name of the layer a gate site belongs to (``"features.0.gate"`` -> ``"features.0"``)."""
+    """The name of the layer a gate site belongs to (``"features.0.gate"`` -> ``"features.0"``,
+    ``"classifier.1.input_gate"`` -> ``"classifier.1"``)."""
     return site.rpartition(".")[0]
+
+
+def is_input_gate(site: str) -> bool:
+    """Whether a gate site gates a layer's input features (rather than its units)."""
+    return site.rpartition(".")[2] == INPUT_GATE_ATTR
 
 
 def set_gates_enabled(net: nn.Module, enabled: bool) -> None:

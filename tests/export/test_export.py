@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pyro_sbp.export import (
+    MaxPool2x2,
     count_flops,
     count_parameters,
     export_full,
@@ -20,9 +21,11 @@ from pyro_sbp.models import NETWORKS, build_network, make_prunable, named_gates
 SMALL = {"vgg-like": {"width_multiplier": 0.125}}
 
 
-def _random_gated(name, seed=0, remove_all=None, p_keep=0.5):
+def _random_gated(name, seed=0, remove_all=None, p_keep=0.5, input_gates=False):
     g = torch.Generator().manual_seed(seed)
-    net = make_prunable(build_network(name, **SMALL.get(name, {})))
+    net = build_network(name, **SMALL.get(name, {}))
+    inputs = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)] if input_gates else []
+    net = make_prunable(net, input_layers=inputs)
     for m in net.modules():
         if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1, generator=g)
@@ -62,6 +65,50 @@ def test_exported_network_computes_what_the_gated_one_does(name, remove_all):
         assert (full(x) - net(x)).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("name", list(NETWORKS))
+@pytest.mark.parametrize("remove_all", [None, 0, 1])
+def test_input_gates_export_exactly(name, remove_all):
+    """Input gates on every Linear (the classifier's inputs too), with the unit gates: removed
+    input features are dropped and the kept ones selected; all inputs of a layer removed too."""
+    net = _random_gated(name, remove_all=remove_all, input_gates=True)
+    shape = tuple(net.input_shape)
+    x = torch.rand(8, *shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = net(x)
+        pruned = export_pruned(net, shape)
+        assert (pruned(x) - ref).abs().max() <= 1e-5
+        for _, gate in named_gates(net):
+            gate.mask.fill_(1.0)
+        assert (export_full(net, shape)(x) - net(x)).abs().max() <= 1e-5
+
+
+def test_input_gate_shapes_and_normalisation_folded():
+    net = _random_gated("lenet-500-300", input_gates=True)
+    gates = dict(named_gates(net))
+    pruned = export_pruned(net, (1, 28, 28))
+    select, fc1 = pruned.classifier[1].select, pruned.classifier[1].layer
+    kept_in = gates["classifier.1.input_gate"].mask.nonzero().squeeze(-1)
+    assert torch.equal(select.index, kept_in)
+    assert fc1.in_features == kept_in.numel()
+    assert fc1.out_features == int(gates["classifier.1.gate"].mask.sum())
+    # The normalisation went into fc1's weights: nothing runs before Flatten and the selection.
+    assert isinstance(pruned.normalize, nn.Identity)
+    # LeNet5-Caffe: fc1 keeps the kept inputs of the kept channels' 4x4 blocks.
+    net = _random_gated("lenet5-caffe", input_gates=True)
+    gates = dict(named_gates(net))
+    pruned = export_pruned(net, (1, 28, 28))
+    blocks = gates["features.3.gate"].mask.repeat_interleave(16) > 0
+    inputs = gates["classifier.1.input_gate"].mask > 0
+    assert pruned.classifier[1].layer.in_features == int((blocks & inputs).sum())
+
+
+def test_input_gates_only_on_linear_layers():
+    with pytest.raises(ValueError, match="input gates go on Linear"):
+        make_prunable(build_network("lenet5-caffe"), input_layers=["features.0"])
+    with pytest.raises(ValueError, match="no layer named"):
+        make_prunable(build_network("lenet5-caffe"), input_layers=["nope"])
+
+
 def test_shapes_after_export():
     net = _random_gated("lenet5-caffe")
     kept = {site: int(g.mask.sum()) for site, g in named_gates(net)}
@@ -78,7 +125,8 @@ def test_shapes_after_export():
 
 
 def test_torchscript_round_trip_without_pyro(tmp_path):
-    net = _random_gated("bmrs-lenet5")
+    # With input gates: the exported FeatureSelect is scripted too.
+    net = _random_gated("bmrs-lenet5", input_gates=True)
     pruned = export_pruned(net, (1, 32, 32))
     path = tmp_path / "pruned.pt"
     save_torchscript(pruned, path)
@@ -136,3 +184,36 @@ def test_explicit_masks_override_the_gates_own():
     pruned = export_pruned(net, (1, 8, 8), masks)
     assert pruned.classifier[1].out_features == 7
     assert pruned.classifier[3].out_features == 5
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 24, 24), (1, 1, 7, 9), (4, 5, 2, 3)])
+def test_max_pool_2x2_equals_max_pool2d(shape, tmp_path):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    x[0, 0, 0, 1] = float("nan")
+    x[0, 0, 1, 0] = float("inf")
+    expected = nn.MaxPool2d(2)(x)
+    got = MaxPool2x2()(x)
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(got.nan_to_num(), expected.nan_to_num())
+    save_torchscript(MaxPool2x2(), tmp_path / "pool.pt")
+    assert torch.equal(
+        load_torchscript(tmp_path / "pool.pt")(x).nan_to_num(), expected.nan_to_num()
+    )
+
+
+def test_only_plain_2x2_max_pooling_is_rewritten():
+    from pyro_sbp.export.exporter import _is_max_pool_2x2
+
+    assert _is_max_pool_2x2(nn.MaxPool2d(2)) and _is_max_pool_2x2(nn.MaxPool2d((2, 2), 2))
+    for other in [
+        nn.MaxPool2d(3),
+        nn.MaxPool2d(2, stride=1),
+        nn.MaxPool2d(2, padding=1),
+        nn.MaxPool2d(2, ceil_mode=True),
+        nn.MaxPool2d(2, dilation=2),
+        nn.AvgPool2d(2),
+    ]:
+        assert not _is_max_pool_2x2(other), other
+    pruned = export_pruned(_random_gated("lenet5-caffe"), (1, 28, 28))
+    assert sum(isinstance(m, MaxPool2x2) for m in pruned.modules()) == 2
+    assert not any(isinstance(m, nn.MaxPool2d) for m in pruned.modules())

@@ -85,3 +85,22 @@ def test_pretrained_weights_from_a_pyro_sbp_checkpoint(tmp_path):
         if ".gate." not in name:
             assert torch.equal(value, saved[name]), name
     assert trainer.config.pretrain_epochs == 0 and second.pretrain_epochs == 3
+
+
+def test_input_gates_train_with_the_gate_learning_rate(tmp_path):
+    torch.manual_seed(3)
+    plain = build_network("digits-mlp", **SMALL)
+    path = tmp_path / "plain.pt"
+    torch.save(plain.state_dict(), path)
+    config = _config(input_gates=["classifier.1"], gate_lr=0.2, pretrained=str(path))
+    # Pretrained weights of the plain network load although it has no gate buffers.
+    trainer = Trainer(config, None, progress=False)
+    assert torch.equal(trainer.net.classifier[1].weight.detach(), plain.classifier[1].weight)
+    gate = trainer.net.classifier[1].input_gate
+    assert gate.num_units == 64
+    history = trainer.fit()
+    assert history[-1]["units_total"]["classifier.1.input_gate"] == 64
+    assert trainer._optim_args("classifier.1.input_gate.loc")["lr"] == 0.2
+    assert trainer._optim_args("classifier.1.weight")["lr"] == config.lr
+    loc = pyro.get_param_store()["classifier.1.input_gate.loc"]
+    assert loc.shape == (64,) and not torch.equal(loc, torch.zeros(64))

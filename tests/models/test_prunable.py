@@ -85,9 +85,17 @@ def test_output_shape_in_train_and_eval_mode(name):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("input_gates", [False, True])
 @pytest.mark.parametrize("name", sorted(NETWORKS))
-def test_model_and_guide_traces_have_the_gate_sites(name):
-    net = make_prunable(build_network(name, **_kwargs(name)))
+def test_model_and_guide_traces_have_the_gate_sites(name, input_gates):
+    net = build_network(name, **_kwargs(name))
+    linear = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    net = make_prunable(net, input_layers=linear if input_gates else ())
+    if input_gates:
+        sites = [site for site, _ in named_gates(net)]
+        assert {f"{n}.input_gate" for n in linear} <= set(sites)
+        first = net.get_submodule(linear[0])
+        assert first.input_gate.num_units == first.in_features
     model = SBPModel(net, NUM_DATA, INPUT_SHAPES[name])
     guide = SBPGuide(net, NUM_DATA)
     x = torch.rand(BATCH, *INPUT_SHAPES[name])

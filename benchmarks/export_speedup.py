@@ -2,17 +2,17 @@
 
 Two cases from the SBP paper, with random weights (speed does not depend on them):
 
-* LeNet5-Caffe (conv 20, conv 50, fc 500) pruned to SBP's 3 and 18 channels and 283 neurons
-  (the paper's 3-18-284-283 also removes single inputs of fc1; channel gates remove whole
-  4x4 blocks, so fc1 keeps 18 x 16 = 288 inputs here);
-* LeNet-500-300 pruned to 160 and 55 neurons (the paper's 245-160-55 also removes input pixels,
-  which the gates here do not).
+* LeNet5-Caffe (conv 20, conv 50, fc 500) pruned to SBP's 3-18-284-283: 3 and 18 channels,
+  284 of the 18 x 16 = 288 flattened features entering fc1 (an input gate on fc1), and 283
+  neurons;
+* LeNet-500-300 pruned to SBP's 245-160-55: 245 of the 784 input pixels (an input gate on the
+  first layer), 160 and 55 neurons.
 
 Each network is made prunable, given random masks with exactly those widths and random gate
 means, and exported with :func:`pyro_sbp.export.export_pruned`; the full network is
 :func:`~pyro_sbp.export.export_full` of the same gated network. Both are timed with
-``torch.utils.benchmark`` (median), alternately, at batch 256 and 4096 on the CPU, and the
-exported network is checked against the gated one first. Writes
+``torch.utils.benchmark`` (median), alternately, at batch 256 and 4096 on the CPU (one thread),
+and the exported network is checked against the gated one first. Writes
 ``benchmarks/results/export_speedup.json`` with a list ``cases`` (``name``, ``batch_size``,
 ``flops_reduction``, ``speedup``, ...). Target: ``speedup >= 0.8 * flops_reduction`` in every
 case.
@@ -32,18 +32,37 @@ from pyro_sbp.models import build_network, make_prunable, named_gates
 
 RESULTS = Path(__file__).parent / "results" / "export_speedup.json"
 
+#: Kept units per gate; an input gate's width counts the kept inputs among those still present
+#: (for LeNet5-Caffe's fc1: among the 16 features of each kept conv2 channel).
 CASES = {
-    "lenet5-caffe": {"features.0.gate": 3, "features.3.gate": 18, "classifier.1.gate": 283},
-    "lenet-500-300": {"classifier.1.gate": 160, "classifier.3.gate": 55},
+    "lenet5-caffe": {
+        "features.0.gate": 3,
+        "features.3.gate": 18,
+        "classifier.1.input_gate": 284,
+        "classifier.1.gate": 283,
+    },
+    "lenet-500-300": {
+        "classifier.1.input_gate": 245,
+        "classifier.1.gate": 160,
+        "classifier.3.gate": 55,
+    },
 }
+#: Features of fc1's input that belong to one conv2 channel (LeNet5-Caffe: 4 x 4).
+BLOCK = {"lenet5-caffe": ("features.3.gate", 16)}
 
 
 def _pruned_network(name: str, widths: dict[str, int], seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    net = make_prunable(build_network(name))
-    for site, gate in named_gates(net):
+    net = make_prunable(build_network(name), input_layers=["classifier.1"])
+    gates = dict(named_gates(net))
+    for site, gate in gates.items():
+        present = torch.ones(gate.num_units, dtype=torch.bool)
+        if site.endswith("input_gate") and name in BLOCK:
+            channel_site, block = BLOCK[name]
+            present = gates[channel_site].mask.repeat_interleave(block) > 0
+        candidates = present.nonzero().squeeze(-1)
         keep = torch.zeros(gate.num_units)
-        keep[torch.randperm(gate.num_units, generator=g)[: widths[site]]] = 1.0
+        keep[candidates[torch.randperm(candidates.numel(), generator=g)[: widths[site]]]] = 1.0
         gate.mask.copy_(keep)
         gate.theta_mean.copy_(torch.rand(gate.num_units, generator=g) * 0.9 + 0.1)
     net.eval()

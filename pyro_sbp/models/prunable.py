@@ -66,8 +66,7 @@ def _gate_inputs(layer: nn.Module, inputs: tuple) -> tuple:
     return (layer.input_gate(inputs[0]), *inputs[1:])
 
 
-#: Attribute (and last part of the site name) of a gate on a layer's outputs / inputs.
-GATE_ATTR = "gate"
+#: Attribute (and last part of the site name) of a gate on a layer's input features.
 INPUT_GATE_ATTR = "input_gate"
 
 

@@ -291,4 +291,15 @@ def format_summary(report: dict) -> str:
             f"CPU batch {r['batch_size']}: {1e3 * r['full_median_s']:.3f} ms -> "
             f"{1e3 * r['pruned_median_s']:.3f} ms ({r['speedup']:.2f}x)"
         )
+    # The threshold-free criteria on the same posterior (one point each), for comparison.
+    points = {
+        name: curve[0]
+        for name, curve in report.get("accuracy_vs_compression_val", {}).items()
+        if name.startswith("bmrs") and len(curve) == 1
+    }
+    if points:
+        lines.append(
+            "BMRS criteria on this posterior (units removed, validation accuracy): "
+            + "; ".join(f"{n} {100 * f:.0f}%, {100 * a:.2f}%" for n, (f, a) in points.items())
+        )
     return "\n".join(lines)

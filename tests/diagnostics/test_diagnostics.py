@@ -9,7 +9,7 @@ import pyro
 import pytest
 import torch
 
-from pyro_sbp.diagnostics import make_report, save_netcdf, to_arviz, var_name
+from pyro_sbp.diagnostics import format_summary, make_report, save_netcdf, to_arviz, var_name
 from pyro_sbp.infer import TrainConfig, Trainer
 from pyro_sbp.models import named_gates
 
@@ -106,3 +106,12 @@ def test_report_writes_everything(run):
     assert count_parameters(load_torchscript(run / "pruned.pt")) == report["params_pruned"]
     x = torch.rand(4, 1, 8, 8)
     assert load_torchscript(run / "full.pt")(x).shape == (4, 10)
+    # The printed summary: the layers, and every BMRS criterion's point on the same posterior.
+    summary = format_summary(report)
+    assert summary.splitlines()[0].endswith("pruned with bmrs-u:4")
+    for site, u in report["units"].items():
+        assert f"{site:<22} {u['before']:>7} {u['after']:>7}" in summary
+    bmrs_line = next(line for line in summary.splitlines() if line.startswith("BMRS criteria"))
+    for name in ("bmrs-n", "bmrs-u:8", "bmrs-u:4", "bmrs-u-low:4"):
+        fraction, accuracy = report["accuracy_vs_compression_val"][name][0]
+        assert f"{name} {100 * fraction:.0f}%, {100 * accuracy:.2f}%" in bmrs_line

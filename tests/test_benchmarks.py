@@ -112,3 +112,9 @@ def test_one_quick_fit_end_to_end(bench, tmp_path, monkeypatch):
     # Cached: a second call reads the result instead of fitting again.
     cached = json.loads((tmp_path / "bmrs-mlp-seed0" / "result.json").read_text())
     assert bench.run_task(task) == cached
+    # A criterion added later is evaluated on the cached fit; the others are read back.
+    monkeypatch.setitem(bench.BMRS_CRITERIA, "snr:1", "snr:1")
+    more = bench.run_task(task)
+    assert more["results"][:2] == cached["results"]
+    assert more["results"][2]["criterion"] == "snr:1"
+    assert more["fit_seconds"] >= cached["fit_seconds"]

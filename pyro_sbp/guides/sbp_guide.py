@@ -28,6 +28,13 @@ def _data_plate(num_data: int, idx: Tensor) -> pyro.plate:
     return pyro.plate("data", num_data, subsample=idx)
 
 
+#: How far outside the gate's bounds (on log theta) a posterior's loc may go.
+LOC_MARGIN = 20.0
+#: The range of a posterior's log scale (on log theta): scale in [1e-6, 1e3].
+LOG_SCALE_MIN = math.log(1e-6)
+LOG_SCALE_MAX = math.log(1e3)
+
+
 class SBPGuide(PyroModule):
     r"""The mean-field guide of a gated network: a truncated log-normal per gate.
 
@@ -41,6 +48,16 @@ class SBPGuide(PyroModule):
     as :class:`~pyro_sbp.models.SBPModel`, from the distribution whose KL to the prior is
     registered in closed form, so :class:`~pyro.infer.TraceMeanField_ELBO` computes the KL term
     exactly. Weights are not latent: they are the network's own Pyro parameters.
+
+    The parameters are kept in a box, projected onto it (in place, without gradient) each time
+    the guide reads them: :math:`\mu \in [a - 20, b + 20]` and
+    :math:`\sigma \in [10^{-6}, 10^{3}]` on :math:`\log\theta`, the domain on which the
+    distributions' values and gradients are verified. Inside it the optimisation is untouched;
+    without it a gate pinned at a bound (:math:`\mu \gg b`, :math:`\sigma \to 0`, a fully
+    certain unit) drifts to where float32 gradients of the KL overflow (:math:`\beta^2 > 10^{38}`).
+    Nothing is lost: at :math:`\sigma = 10^{-6}` a gate is known to a relative :math:`10^{-6}`,
+    and at :math:`\sigma = 10^3` the posterior of :math:`\log\theta` is flat to :math:`10^{-4}`
+    over SBP's bounds.
 
     It composes with guides for other latent sites, e.g.
     ``AutoGuideList(model)`` with this guide and an ``AutoNormal`` of the model with the gate
@@ -87,6 +104,11 @@ class SBPGuide(PyroModule):
         log_scale = pyro.param(
             f"{site}.log_scale", lambda: torch.full((n,), self.init_log_scale).to(ref)
         )
+        # Projected onto the box (see the class docstring); a no-op inside it.
+        a, b = math.log(gate.low), math.log(gate.high)
+        with torch.no_grad():
+            loc.clamp_(a - LOC_MARGIN, b + LOC_MARGIN)
+            log_scale.clamp_(LOG_SCALE_MIN, LOG_SCALE_MAX)
         return loc, log_scale
 
     def posterior(self, site: str) -> TruncatedLogNormal:

@@ -54,10 +54,11 @@ class SBPGuide(PyroModule):
     :math:`\sigma \in [10^{-6}, 10^{3}]` on :math:`\log\theta`, the domain on which the
     distributions' values and gradients are verified. Inside it the optimisation is untouched;
     without it a gate pinned at a bound (:math:`\mu \gg b`, :math:`\sigma \to 0`, a fully
-    certain unit) drifts to where float32 gradients of the KL overflow (:math:`\beta^2 > 10^{38}`).
+    certain unit) can drift on to where the float32 KL is no longer finite (an SVI run at gate
+    learning rate 0.5 reached :math:`\mu = 26.8`, :math:`\sigma = 4\cdot 10^{-12}`, then NaN).
     Nothing is lost: at :math:`\sigma = 10^{-6}` a gate is known to a relative :math:`10^{-6}`,
-    and at :math:`\sigma = 10^3` the posterior of :math:`\log\theta` is flat to :math:`10^{-4}`
-    over SBP's bounds.
+    and at :math:`\sigma = 10^3` the density of :math:`\log\theta` varies by
+    :math:`2\cdot 10^{-4}` over SBP's bounds.
 
     It composes with guides for other latent sites, e.g.
     ``AutoGuideList(model)`` with this guide and an ``AutoNormal`` of the model with the gate

@@ -302,14 +302,21 @@ def export_pruned(
     return _streamline(_rebuild(net, new_leaves)).eval()
 
 
+def _gate_values(site_gate, masks, dtype) -> tuple[Tensor, Tensor]:
+    """``(kept, value)`` of a gate: its keep-mask (``masks`` override the gate's own) and
+    :math:`\\mathbb E[\theta]` times that mask, per unit."""
+    site, gate = site_gate
+    mask = (masks[site] if masks is not None and site in masks else gate.mask).detach().cpu()
+    kept = mask > 0
+    return kept, gate.theta_mean.detach().cpu().to(dtype) * kept.to(dtype)
+
+
 def _selection(site_gate, masks, n: int, dtype):
     """Kept unit indices and their folded gate values (one dead unit when none is kept)."""
     if site_gate is None:
         return torch.arange(n), None
-    site, gate = site_gate
-    mask = (masks[site] if masks is not None and site in masks else gate.mask).detach().cpu()
-    keep = (mask > 0).nonzero().squeeze(-1)
-    value = gate.theta_mean.detach().cpu().to(dtype) * (mask > 0).to(dtype)
+    kept, value = _gate_values(site_gate, masks, dtype)
+    keep = kept.nonzero().squeeze(-1)
     if keep.numel() == 0:
         keep = torch.zeros(1, dtype=torch.long)  # a dead unit: value 0
     return keep, value.index_select(0, keep)
@@ -324,9 +331,8 @@ def _export_layer(name, m, flow: _Flow, site_gate, masks, input_gate=None):
     if input_gate is not None:
         # gate -> Linear: E[theta] of each kept input scales its column; a removed input's column
         # is 0, so that the constants of removed upstream units it carried vanish too.
-        site, gate = input_gate
-        in_mask = (masks[site] if masks is not None and site in masks else gate.mask).cpu() > 0
-        weight = weight * (gate.theta_mean.detach().cpu().to(weight.dtype) * in_mask)
+        in_mask, in_value = _gate_values(input_gate, masks, weight.dtype)
+        weight = weight * in_value
     w_in, b = _fold_inputs(weight, bias, flow, n_out)
     if input_gate is not None:
         # Of the features present (flow.keep), those the input gate keeps.

@@ -37,6 +37,7 @@ from pyro_sbp.models import (
     named_gates,
     set_gates_enabled,
 )
+from pyro_sbp.models.prunable import in_gate
 
 HISTORY_NAME = "history.json"
 
@@ -119,16 +120,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was asked for but CUDA is not available here")
     return torch.device(name)
-
-
-def _gate_buffer(key: str) -> bool:
-    return ".gate." in key or ".input_gate." in key
-
-
-def _gate_param(name: str) -> bool:
-    return name.endswith(
-        (".gate.loc", ".gate.log_scale", ".input_gate.loc", ".input_gate.log_scale")
-    )
 
 
 @torch.no_grad()
@@ -258,7 +249,7 @@ class Trainer:
 
     def _optim_args(self, name: str) -> dict:
         c = self.config
-        return {"lr": c.gate_lr if _gate_param(name) else c.lr, "betas": (c.beta1, 0.999)}
+        return {"lr": c.gate_lr if in_gate(name) else c.lr, "betas": (c.beta1, 0.999)}
 
     def _load_pretrained(self, path: str) -> None:
         try:
@@ -268,8 +259,8 @@ class Trainer:
             state = load_checkpoint(path, map_location=self.device)
         state = state.get("net_state", state)
         # Pretrained weights come from a plain network: gate buffers may be absent.
-        own = {k: v for k, v in self.net.state_dict().items() if not _gate_buffer(k)}
-        theirs = {k: v for k, v in state.items() if not _gate_buffer(k)}
+        own = {k: v for k, v in self.net.state_dict().items() if not in_gate(k)}
+        theirs = {k: v for k, v in state.items() if not in_gate(k)}
         diffs = architecture_mismatch(architecture(own), architecture(theirs))
         if diffs:
             raise ValueError(

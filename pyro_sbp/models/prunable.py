@@ -68,6 +68,7 @@ def _gate_inputs(layer: nn.Module, inputs: tuple) -> tuple:
 
 #: Attribute (and last part of the site name) of a gate on a layer's input features.
 INPUT_GATE_ATTR = "input_gate"
+_GATE_ATTRS = ("gate", INPUT_GATE_ATTR)
 
 
 def make_prunable(
@@ -158,6 +159,12 @@ def gated_layer_name(site: str) -> str:
     """The name of the layer a gate site belongs to (``"features.0.gate"`` -> ``"features.0"``,
     ``"classifier.1.input_gate"`` -> ``"classifier.1"``)."""
     return site.rpartition(".")[0]
+
+
+def in_gate(key: str) -> bool:
+    """Whether a parameter or buffer name (``"features.0.gate.loc"``,
+    ``"classifier.1.input_gate.mask"``) belongs to a gate."""
+    return any(f".{attr}." in f".{key}" for attr in _GATE_ATTRS)
 
 
 def is_input_gate(site: str) -> bool:

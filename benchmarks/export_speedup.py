@@ -17,6 +17,16 @@ and the exported network is checked against the gated one first. Writes
 ``flops_reduction``, ``speedup``, ...). Target: ``speedup >= 0.8 * flops_reduction`` in every
 case.
 
+Each case also records the floor of the pruned network's time (:func:`layer_floor`): every
+convolution and linear layer of the pruned network, and the selection of the input features an
+input gate kept, timed alone on the input each receives in the network, and summed
+(``pruned_layers_s``, per layer in ``layers``). The layers carry all the counted FLOPs, and the
+selection is what reading fewer inputs costs (a first layer as wide as the full input instead
+costs more); pooling and activations only add to them. ``budget_s = full_median_s / (0.8 *
+flops_reduction)`` is the time the whole pruned network may take to meet the target, so where
+``pruned_layers_s > budget_s`` (``floor_over_budget > 1``) no export meets the target with
+PyTorch's kernels on this machine.
+
     python benchmarks/export_speedup.py [--min-run-time 2]
 """
 
@@ -26,8 +36,9 @@ import platform
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from pyro_sbp.export import compare, export_full, export_pruned
+from pyro_sbp.export import FeatureSelect, compare, export_full, export_pruned
 from pyro_sbp.models import build_network, make_prunable, named_gates
 
 RESULTS = Path(__file__).parent / "results" / "export_speedup.json"
@@ -75,6 +86,35 @@ def _pruned_network(name: str, widths: dict[str, int], seed: int = 0):
     return full, pruned, shape
 
 
+@torch.no_grad()
+def layer_floor(
+    module: nn.Module, input_shape: tuple[int, ...], batch_size: int, min_run_time: float
+) -> list[dict]:
+    """Median time of each ``Conv2d``, ``Linear`` and ``FeatureSelect`` of ``module`` run alone
+    (one thread), on the input it receives when ``module`` runs on a random batch."""
+    from torch.utils import benchmark
+
+    inputs = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, args[0]))
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Conv2d | nn.Linear | FeatureSelect)
+    ]
+    try:
+        module(torch.rand(batch_size, *input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    layers = []
+    for name, x in inputs.items():
+        layer = module.get_submodule(name)
+        timer = benchmark.Timer(stmt="layer(x)", globals={"layer": layer, "x": x}, num_threads=1)
+        layers.append(
+            {"layer": name, "median_s": timer.blocked_autorange(min_run_time=min_run_time).median}
+        )
+    return layers
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--min-run-time", type=float, default=2.0)
@@ -86,6 +126,9 @@ def main() -> None:
         full, pruned, shape = _pruned_network(name, widths)
         result = compare(full, pruned, shape, sizes, ("cpu",), args.min_run_time)
         for lat in result["latency"]:
+            layers = layer_floor(pruned, shape, lat["batch_size"], args.min_run_time / 4)
+            floor = sum(layer["median_s"] for layer in layers)
+            budget = lat["full_median_s"] / (0.8 * result["flops_reduction"])
             cases.append(
                 {
                     "name": name,
@@ -100,17 +143,23 @@ def main() -> None:
                     "pruned_median_s": lat["pruned_median_s"],
                     "speedup": lat["speedup"],
                     "speedup_over_flops": lat["speedup"] / result["flops_reduction"],
+                    "budget_s": budget,
+                    "pruned_layers_s": floor,
+                    "floor_over_budget": floor / budget,
+                    "layers": layers,
                 }
             )
             print(
                 f"{name:<14} batch {lat['batch_size']:>5}: FLOPs {result['flops_reduction']:.2f}x "
                 f"fewer, {lat['speedup']:.2f}x faster "
-                f"({lat['speedup'] / result['flops_reduction']:.2f} of the FLOPs reduction)"
+                f"({lat['speedup'] / result['flops_reduction']:.2f} of the FLOPs reduction); "
+                f"layers and selection alone {floor * 1e3:.2f} ms, budget {budget * 1e3:.2f} ms"
             )
     out = {
         "cases": cases,
         "target": "speedup >= 0.8 * flops_reduction in every case",
         "met": all(c["speedup_over_flops"] >= 0.8 for c in cases),
+        "reachable_with_these_kernels": all(c["floor_over_budget"] <= 1.0 for c in cases),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),

@@ -25,20 +25,27 @@ Variants, timed in the same loop to show where the time goes (``--no-variants`` 
 * svi_lean: a prototype ELBO (defined here) that skips the log-densities of the latent sites
   that ``TraceMeanField_ELBO`` computes and never uses, and computes each gate KL once per unit
   on the un-expanded parameters instead of once per example and unit (same value and gradient);
-* torch_gated: the same gated computation in plain PyTorch, no Pyro: per-example gate noise
-  from ``TruncatedLogNormal.rsample``, the analytic KL once per unit, one ``torch.optim.Adam``;
+* svi_gate_at_layer: the default step on a network made prunable with
+  ``make_prunable(..., gate_after_pool=False)``: each convolution's gate on the convolution's
+  output instead of after its max-pooling (the same function, four times the elements);
+* torch_gated: the same gated computation in plain PyTorch, no Pyro (:func:`_gated_logits`,
+  gates placed as ``make_prunable`` places them): per-example gate noise from
+  ``TruncatedLogNormal.rsample``, the analytic KL once per unit, one ``torch.optim.Adam``;
 * torch_gated_as_pyro: the same, plus the tensor work ``TraceMeanField_ELBO`` does on top: the
   KL of the plate-expanded distributions (batch x units) and the unused log-densities of the
   guide's and the prior's samples;
 * svi_lean_torch_optim: the lean ELBO's ``differentiable_loss`` with one ``torch.optim.Adam``
   (two parameter groups, ``foreach``) instead of ``pyro.optim.Adam``, which keeps one torch
   optimizer per parameter and steps them one by one;
-* torch_gated_lognormal: the gated network with untruncated log-normal gates
-  (``exp(loc + scale * eps)``, Normal-to-Normal KL): the cost of gating the network alone;
-* torch_gated_lognormal_addcmul: the same with each gate applied as
-  ``addcmul(b * (mask - theta), out, theta)``, one pass over the activation instead of three;
 * torch_gated_fused: torch_gated with one ``TruncatedLogNormal`` over all 570 gates (one
-  ``rsample`` and one KL instead of one per layer) and the ``addcmul`` gating.
+  ``rsample`` and one KL instead of one per layer);
+* torch_gated_lognormal: the gated network with untruncated log-normal gates
+  (``exp(loc + scale * eps)``, Normal-to-Normal KL): the cost of gating the network alone, and a
+  floor for any gated step (``floor_ratio``): where its ratio to plain is above the target, no
+  gate distribution and no inference library meets the target;
+* torch_gated_textbook: the same with truncated log-normal gates and their KL by the textbook
+  formulas (:func:`_textbook_gates`, wrong in the tails): the floor for a step with SBP's
+  truncated gates, in eager PyTorch and without Pyro (``truncated_floor_ratio``).
 
 ``--profile`` instead profiles the default SVI step (cProfile, by function; then
 ``torch.profiler``, by operator, on one thread) and prints the tables.
@@ -152,19 +159,18 @@ class LeanMeanFieldELBO(TraceMeanField_ELBO):
 
 
 class TorchGates:
-    """Gates on a plain network by forward hooks, as ``make_prunable`` places them
-    (``layer -> gate -> bias``), with per-example noise and no Pyro.
+    """Per-example gate noise for :func:`_gated_logits`, with no Pyro.
 
     :param str kind: ``"truncated"`` (``TruncatedLogNormal`` posterior, KL once per unit),
-        ``"as_pyro"`` (the same plus what ``TraceMeanField_ELBO`` computes on top) or
-        ``"lognormal"`` (untruncated log-normal noise, Normal-to-Normal KL).
+        ``"as_pyro"`` (the same plus what ``TraceMeanField_ELBO`` computes on top),
+        ``"lognormal"`` (untruncated log-normal noise, Normal-to-Normal KL) or ``"textbook"``
+        (truncated log-normal noise and its KL to the log-uniform prior by the textbook formulas:
+        wrong where the truncated mass is small, a cost floor only; :func:`_textbook_gates`).
     :param bool fuse_sites: one distribution over the gates of all layers, split afterwards.
-    :param bool addcmul: gate as ``out * theta + b * (mask - theta)`` in one ``addcmul``
-        instead of ``(out - b) * theta + b * mask`` (the same value).
     """
 
-    def __init__(self, net, layers, num_units, kind, fuse_sites=False, addcmul=False):
-        self.kind, self.fuse_sites, self.addcmul = kind, fuse_sites, addcmul
+    def __init__(self, layers, num_units, kind, fuse_sites=False):
+        self.kind, self.fuse_sites = kind, fuse_sites
         self.num_units = dict(zip(layers, num_units, strict=True))
         self.loc = {n: torch.zeros(u, requires_grad=True) for n, u in self.num_units.items()}
         self.log_scale = {
@@ -174,27 +180,10 @@ class TorchGates:
             total = sum(num_units)
             self.loc = {"all": torch.zeros(total, requires_grad=True)}
             self.log_scale = {"all": torch.full((total,), -5.0, requires_grad=True)}
-        self.mask = {n: torch.ones(u) for n, u in self.num_units.items()}
         self.theta = {}
-        modules = dict(net.named_modules())
-        for name in layers:
-            modules[name].register_forward_hook(self._hook(name))
 
     def parameters(self):
         return [*self.loc.values(), *self.log_scale.values()]
-
-    def _hook(self, name):
-        def hook(layer, _inputs, out):
-            mask = self.mask[name]
-            theta = self.theta[name] * mask
-            b = layer.bias.reshape((1, -1) + (1,) * (out.dim() - 2))
-            shape = theta.shape + (1,) * (out.dim() - 2)
-            if self.addcmul:
-                theta = theta.reshape(shape)
-                return torch.addcmul(b * (mask.reshape(b.shape) - theta), out, theta)
-            return (out - b) * theta.reshape(shape) + b * mask.reshape(b.shape)
-
-        return hook
 
     def _truncated(self, loc, log_scale, batch):
         q = TruncatedLogNormal(loc, log_scale.exp(), DEFAULT_LOW, DEFAULT_HIGH)
@@ -212,7 +201,10 @@ class TorchGates:
         kl = 0.0
         for key in self.loc:
             loc, log_scale = self.loc[key], self.log_scale[key]
-            if self.kind == "lognormal":
+            if self.kind == "textbook":
+                theta, site_kl = _textbook_gates(loc, log_scale.exp(), batch)
+                kl = kl + site_kl
+            elif self.kind == "lognormal":
                 eps = torch.randn(batch, loc.shape[0])
                 theta = (loc + log_scale.exp() * eps).exp().clamp(DEFAULT_LOW, DEFAULT_HIGH)
                 kl = kl + kl_divergence(Normal(loc, log_scale.exp()), Normal(0.0, 1.0)).sum()
@@ -227,6 +219,48 @@ class TorchGates:
         return kl
 
 
+def _gated_logits(net, theta: dict, x):
+    """Logits of the plain LeNet5-Caffe ``net`` gated by ``theta`` (layer name -> per-example
+    gates) as ``make_prunable`` gates it: ``layer -> gate -> bias``, each convolution's gate and
+    bias after its max-pooling (``conv -> pool -> gate -> bias -> ReLU``)."""
+    h = net.normalize(x)
+    for name, pool in (("features.0", net.features[2]), ("features.3", net.features[5])):
+        conv = net.get_submodule(name)
+        h = pool(F.conv2d(h, conv.weight, None, conv.stride, conv.padding))
+        h = torch.relu(torch.addcmul(conv.bias.view(1, -1, 1, 1), h, theta[name][:, :, None, None]))
+    fc1, fc2 = net.classifier[1], net.classifier[3]
+    h = F.linear(h.flatten(1), fc1.weight)
+    return fc2(torch.relu(torch.addcmul(fc1.bias, h, theta["classifier.1"])))
+
+
+_LOG_LOW, _LOG_HIGH = math.log(DEFAULT_LOW), math.log(DEFAULT_HIGH)
+
+
+def _textbook_gates(loc, scale, batch):
+    """Per-example truncated log-normal gates (inverse CDF through ``erfinv``) and the summed
+    KL to the log-uniform prior, by the textbook formulas in as few passes as we could write
+    them. Wrong where the truncated mass is below float precision: a cost floor, not an
+    implementation (compare ``benchmarks/distributions.py``'s ``textbook``)."""
+    tiny = torch.finfo(loc.dtype).tiny
+    alpha, beta = (_LOG_LOW - loc) / scale, (_LOG_HIGH - loc) / scale
+    e_alpha = torch.erf((alpha * math.sqrt(0.5)).clamp(-4.0, 4.0))
+    e_beta = torch.erf((beta * math.sqrt(0.5)).clamp(-4.0, 4.0))
+    z = ((e_beta - e_alpha) * 0.5).clamp(min=tiny)
+    pdf_alpha = torch.exp(alpha.square().clamp(max=160.0) * -0.5)
+    pdf_beta = torch.exp(beta.square().clamp(max=160.0) * -0.5)
+    entropy = (
+        0.5 * math.log(2.0 * math.pi * math.e)
+        + scale.log()
+        + z.log()
+        + (alpha * pdf_alpha - beta * pdf_beta) / (2.0 * math.sqrt(2.0 * math.pi) * z)
+    )
+    kl = (math.log(_LOG_HIGH - _LOG_LOW) - entropy).sum()
+    p = (e_alpha + 1.0) * 0.5 + torch.rand(batch, loc.shape[0]) * z
+    eps = torch.finfo(loc.dtype).eps
+    q = torch.erfinv((2.0 * p - 1.0).clamp(eps - 1.0, 1.0 - eps)) * math.sqrt(2.0)
+    return (loc + scale * q).clamp(_LOG_LOW, _LOG_HIGH).exp(), kl
+
+
 # --- the benchmark ----------------------------------------------------------------------------
 
 
@@ -239,13 +273,14 @@ def _plain_step(net, optim, x, y):
 def _torch_gated_step(net, gates, optim, x, y, num_data):
     optim.zero_grad()
     kl = gates.sample(x.shape[0])
-    nll = F.cross_entropy(net(x), y, reduction="sum") * (num_data / x.shape[0])
+    logits = _gated_logits(net, gates.theta, x)
+    nll = F.cross_entropy(logits, y, reduction="sum") * (num_data / x.shape[0])
     (nll + kl).backward()
     optim.step()
 
 
-def _gated_setup():
-    net = make_prunable(build_network(NETWORK))
+def _gated_setup(gate_after_pool=True):
+    net = make_prunable(build_network(NETWORK), gate_after_pool=gate_after_pool)
     model = SBPModel(net, NUM_DATA, INPUT_SHAPE)
     guide = SBPGuide(net, NUM_DATA)
     return net, model, guide
@@ -280,7 +315,7 @@ BREAKDOWN = (
     ),
     ("TraceMeanField_ELBO's extra tensor work", "torch_gated_as_pyro", "torch_gated"),
     (
-        "Pyro bookkeeping (traces, PyroModule, per-param optimizers)",
+        "Pyro bookkeeping (traces, PyroModule, per-param optimizers, the gates' hooks)",
         "svi_no_validation",
         "torch_gated_as_pyro",
     ),
@@ -320,6 +355,12 @@ def build_steps(args, x, y, idx):
     if args.jit:
         svi_jit = SVI(model, guide, pyro.optim.Adam(_optim_args), JitTraceMeanField_ELBO())
         steps["svi_jit"] = lambda: svi_jit.step(x, y, idx)
+    # The same parameters (Pyro names them alike), the gates on the convolutions' outputs.
+    _, model_at_layer, guide_at_layer = _gated_setup(gate_after_pool=False)
+    svi_at_layer = SVI(
+        model_at_layer, guide_at_layer, pyro.optim.Adam(_optim_args), TraceMeanField_ELBO()
+    )
+    steps["svi_gate_at_layer"] = lambda: svi_at_layer.step(x, y, idx)
     svi_lean = SVI(model, guide, pyro.optim.Adam(_optim_args), LeanMeanFieldELBO())
     steps["svi_lean"] = lambda: svi_lean.step(x, y, idx)
 
@@ -346,16 +387,26 @@ def build_steps(args, x, y, idx):
     sites = list(named_gates(net))
     layers = [gated_layer_name(site) for site, _ in sites]
     units = [gate.num_units for _, gate in sites]
+    # The plain-PyTorch references compute the library's gated network (checked once).
+    check_gates = TorchGates(layers, units, "lognormal")
+    with torch.no_grad():
+        check_gates.sample(x.shape[0])
+        data = {f"{layer}.gate": check_gates.theta[layer] for layer in layers}
+        with poutine.condition(data=data):
+            expected = net(x)
+        err = (_gated_logits(plain, check_gates.theta, x) - expected).abs().max().item()
+    assert err < 1e-4, f"the plain-PyTorch gating differs from make_prunable's by {err}"
+
     for label, kind, options in (
         ("torch_gated", "truncated", {}),
         ("torch_gated_as_pyro", "as_pyro", {}),
         ("torch_gated_lognormal", "lognormal", {}),
-        ("torch_gated_lognormal_addcmul", "lognormal", {"addcmul": True}),
-        ("torch_gated_fused", "truncated", {"fuse_sites": True, "addcmul": True}),
+        ("torch_gated_fused", "truncated", {"fuse_sites": True}),
+        ("torch_gated_textbook", "textbook", {}),
     ):
         tnet = build_network(NETWORK)
         tnet.load_state_dict(plain.state_dict())
-        gates = TorchGates(tnet, layers, units, kind, **options)
+        gates = TorchGates(layers, units, kind, **options)
         optim = torch.optim.Adam(
             [
                 {"params": list(tnet.parameters()), "lr": LR},
@@ -410,6 +461,14 @@ def run(args) -> dict:
         "threads": torch.get_num_threads(),
         "ratio": med["svi"] / med["plain"],
         "target": 1.3,
+        # The cheapest gated step (torch_gated_lognormal), and the cheapest with truncated gates
+        # (torch_gated_textbook), over the plain one; None when the variants were skipped.
+        "floor_ratio": (
+            med["torch_gated_lognormal"] / med["plain"] if "torch_gated_lognormal" in med else None
+        ),
+        "truncated_floor_ratio": (
+            med["torch_gated_textbook"] / med["plain"] if "torch_gated_textbook" in med else None
+        ),
         "svi_median_s": med["svi"],
         "plain_median_s": med["plain"],
         "svi_iqr_s": _iqr(times["svi"]),

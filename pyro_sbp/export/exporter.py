@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from pyro_sbp.models.gate import SBPGate
 from pyro_sbp.models.nets import Normalize
-from pyro_sbp.models.prunable import is_input_gate, named_gates
+from pyro_sbp.models.prunable import commutes_with_max, is_input_gate, named_gates
 
 _LAYERS = (nn.Linear, nn.Conv2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -441,9 +441,6 @@ def _rebuild(net: nn.Module, new_leaves: dict[str, nn.Module]) -> nn.Module:
     return build("", net)
 
 
-_MONOTONE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.SiLU)
-
-
 def _streamline(net: nn.Sequential) -> nn.Sequential:
     """Rewrites that change the cost, not the function.
 
@@ -460,7 +457,7 @@ def _streamline(net: nn.Sequential) -> nn.Sequential:
         keys = list(parent._modules)
         for i in range(len(keys) - 1):
             act, pool = parent._modules[keys[i]], parent._modules[keys[i + 1]]
-            if isinstance(act, _MONOTONE) and isinstance(pool, nn.MaxPool2d):
+            if commutes_with_max(act) and isinstance(pool, nn.MaxPool2d):
                 parent._modules[keys[i]], parent._modules[keys[i + 1]] = pool, act
         for key in keys:
             if _is_max_pool_2x2(parent._modules[key]):

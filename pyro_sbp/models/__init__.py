@@ -8,6 +8,7 @@ the data set); :mod:`pyro_sbp.models.nets` holds the built-in plain networks.
 from pyro_sbp.models.gate import DEFAULT_HIGH, DEFAULT_LOW, SBPGate
 from pyro_sbp.models.nets import INPUT_SHAPES, NETWORKS, Normalize, build_network
 from pyro_sbp.models.prunable import (
+    commutes_with_max,
     gated_layer_name,
     is_input_gate,
     make_prunable,
@@ -26,6 +27,7 @@ __all__ = [
     "SBPModel",
     "build_network",
     "check_input",
+    "commutes_with_max",
     "gated_layer_name",
     "is_input_gate",
     "make_prunable",

@@ -44,15 +44,70 @@ def _following_norm(net: nn.Module, name: str, units: int) -> nn.Module | None:
     return None
 
 
-def _gate_before_bias(layer: nn.Module, _inputs, out: Tensor) -> Tensor:
-    # conv / linear -> gate -> bias (SBP): the gate scales the bias-free response, and the mask
-    # also removes the bias of a removed unit, so that a removed unit is exactly zero.
+def commutes_with_max(m: nn.Module) -> bool:
+    """Whether the element-wise activation ``m`` is non-decreasing, so that it commutes with
+    max-pooling: ``pool(act(x)) == act(pool(x))``. (SiLU and GELU are not: they dip below zero.)
+    """
+    if isinstance(m, nn.LeakyReLU):
+        return m.negative_slope >= 0
+    if isinstance(m, nn.ELU):
+        return m.alpha >= 0
+    return isinstance(m, nn.ReLU | nn.ReLU6 | nn.Hardtanh | nn.Tanh | nn.Sigmoid)
+
+
+def _gate_and_bias(layer: nn.Module, out: Tensor) -> Tensor:
+    # gate -> bias on a bias-free response: the mask also removes the bias of a removed unit, so
+    # that a removed unit is exactly zero.
     gate = layer.gate
     bias = layer.bias
     if bias is None:
         return gate(out)
     b = bias.reshape((1, -1) + (1,) * (out.dim() - 2))
-    return gate(out - b) + b * gate.mask.reshape(b.shape)
+    return gate(out) + b * gate.mask.reshape(b.shape)
+
+
+def _without_bias(out: Tensor, layer: nn.Module) -> Tensor:
+    if layer.bias is None:
+        return out
+    return out - layer.bias.reshape((1, -1) + (1,) * (out.dim() - 2))
+
+
+def _gate_before_bias(layer: nn.Module, _inputs, out: Tensor) -> Tensor:
+    # conv / linear -> gate -> bias (SBP): the gate scales the bias-free response.
+    return _gate_and_bias(layer, _without_bias(out, layer))
+
+
+def _strip_bias(layer: nn.Module, _inputs, out: Tensor) -> Tensor:
+    # conv -> [max-pool] -> gate -> bias: the gate and the bias wait for the pooling.
+    return _without_bias(out, layer)
+
+
+def _gate_after_pool(pool: nn.Module, _inputs, out: Tensor) -> Tensor:
+    return _gate_and_bias(pool._sbp_gated_layer, out)
+
+
+def _following_pool(net: nn.Module, name: str) -> tuple[nn.Sequential, str | None, str] | None:
+    # A max-pooling right after the layer in the same Sequential, or after a non-decreasing
+    # activation: (the Sequential, the activation's key or None, the pooling's key).
+    parent_name, _, child = name.rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    if not isinstance(parent, nn.Sequential):
+        return None
+    keys = list(parent._modules)
+    pos = keys.index(child)
+    act = None
+    if pos + 2 < len(keys) and commutes_with_max(parent._modules[keys[pos + 1]]):
+        act, pos = keys[pos + 1], pos + 1
+    if pos + 1 >= len(keys):
+        return None
+    pool = parent._modules[keys[pos + 1]]
+    if (
+        not isinstance(pool, nn.MaxPool2d)
+        or pool.return_indices
+        or hasattr(pool, "_sbp_gated_layer")
+    ):
+        return None
+    return parent, act, keys[pos + 1]
 
 
 def _gate_after_norm(norm: nn.Module, _inputs, out: Tensor) -> Tensor:
@@ -78,6 +133,7 @@ def make_prunable(
     input_layers: Sequence[str] = (),
     low: float = DEFAULT_LOW,
     high: float = DEFAULT_HIGH,
+    gate_after_pool: bool = True,
 ) -> nn.Module:
     """Put an :class:`SBPGate` on the units of chosen layers of ``net``, in place.
 
@@ -96,6 +152,16 @@ def make_prunable(
     (``conv -> BN -> gate -> nonlinearity``), because batch statistics would otherwise normalise
     the gate's scaling away. Either way a unit whose mask is 0 outputs exactly 0.
 
+    When a ``Conv2d`` without a norm is followed in the same ``nn.Sequential`` by an
+    ``nn.MaxPool2d``, directly or after a non-decreasing activation (:func:`commutes_with_max`:
+    ReLU, LeakyReLU, ELU, Tanh, ...), its gate and bias are applied after the pooling, on a
+    quarter of the elements for 2 x 2 pooling, and the activation is moved after the pooling
+    (``conv -> pool -> gate -> bias -> activation``; the Sequential's order changes, its state
+    dict does not). The function is unchanged: for gates theta > 0,
+    ``pool(act(theta * y + b)) == act(theta * pool(y) + b)``, bit for bit, since rounding is
+    monotone too. It saves about a fifth of an SVI step of LeNet5-Caffe
+    (``benchmarks/svi_overhead.py``); ``gate_after_pool=False`` keeps the gate at the layer.
+
     Input features can be gated too (``input_layers``): the gate ``"classifier.1.input_gate"``
     multiplies each input feature of the ``Linear`` ``"classifier.1"`` before it (the SBP paper
     prunes LeNet-500-300's input pixels, 784 -> 245, and the flattened features entering
@@ -110,6 +176,8 @@ def make_prunable(
         default).
     :param float low: lower bound of each gate (default :math:`e^{-20}`).
     :param float high: upper bound of each gate (default 1).
+    :param bool gate_after_pool: move a convolution's gate after a following max-pooling (same
+        function, less work; default ``True``).
     :return: ``net`` itself.
     """
     if any(isinstance(m, SBPGate) for m in net.modules()):
@@ -138,7 +206,22 @@ def make_prunable(
         layer.gate = SBPGate(units, low, high)
         norm = _following_norm(net, name, units)
         layer.gate.after_norm = norm is not None
-        if norm is None:
+        pooled = None
+        if norm is None and gate_after_pool and isinstance(layer, nn.Conv2d):
+            pooled = _following_pool(net, name)
+        if pooled is not None:
+            parent, act, pool_key = pooled
+            if act is not None:
+                parent._modules[act], parent._modules[pool_key] = (
+                    parent._modules[pool_key],
+                    parent._modules[act],
+                )
+                pool_key = act
+            pool = parent._modules[pool_key]
+            object.__setattr__(pool, "_sbp_gated_layer", layer)
+            layer.register_forward_hook(_strip_bias)
+            pool.register_forward_hook(_gate_after_pool)
+        elif norm is None:
             layer.register_forward_hook(_gate_before_bias)
         else:
             # Held by the norm without registering it twice as a submodule.

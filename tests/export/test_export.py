@@ -217,3 +217,22 @@ def test_only_plain_2x2_max_pooling_is_rewritten():
     pruned = export_pruned(_random_gated("lenet5-caffe"), (1, 28, 28))
     assert sum(isinstance(m, MaxPool2x2) for m in pruned.modules()) == 2
     assert not any(isinstance(m, nn.MaxPool2d) for m in pruned.modules())
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.SiLU, nn.GELU, nn.Tanh])
+def test_activations_move_past_max_pooling_only_where_they_commute(act):
+    # SiLU and GELU dip below zero: max-pooling does not commute with them, and an export that
+    # moved them after the pooling would compute another function.
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 6, 3), act(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 3 * 3, 3)
+    )
+    net = make_prunable(net)
+    with torch.no_grad():
+        net[0].gate.mask.copy_(torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0]))
+        net[0].gate.theta_mean.uniform_(0.5, 1.0)
+        net[0].bias.fill_(-2.5)  # pre-activations around -2.5, where SiLU and GELU decrease
+    net.eval()
+    x = torch.randn(16, 1, 8, 8)
+    with torch.no_grad():
+        assert (export_pruned(net, (1, 8, 8))(x) - net(x)).abs().max() <= 1e-5

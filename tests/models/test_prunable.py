@@ -228,6 +228,101 @@ def test_mlp_gate_goes_before_the_bias():
     torch.testing.assert_close(out, expected)
 
 
+# --- gates moved after max-pooling --------------------------------------------------------
+
+
+def _gated_pair(name, **kwargs):
+    torch.manual_seed(0)
+    plain = build_network(name, **kwargs)
+    state = plain.state_dict()
+    moved = make_prunable(build_network(name, **kwargs))
+    kept = make_prunable(build_network(name, **kwargs), gate_after_pool=False)
+    for net in (moved, kept):
+        net.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for (_, g1), (_, g2) in zip(named_gates(moved), named_gates(kept), strict=True):
+            g1.mask.copy_((torch.rand(g1.num_units) > 0.3).float())
+            g1.theta_mean.uniform_(0.05, 1.0)
+            g2.mask.copy_(g1.mask)
+            g2.theta_mean.copy_(g1.theta_mean)
+        for m in moved.modules():  # biases away from zero, so that a misplaced bias would show
+            if isinstance(m, nn.Conv2d):
+                m.bias.uniform_(-1.0, 1.0)
+        kept.load_state_dict(moved.state_dict())
+    return moved, kept
+
+
+def test_conv_gate_moves_after_the_max_pooling():
+    def kinds(seq):
+        return [
+            next(c for c in (nn.Conv2d, nn.MaxPool2d, nn.ReLU) if isinstance(m, c)) for m in seq
+        ]
+
+    net = make_prunable(build_network("lenet5-caffe"))
+    plain = build_network("lenet5-caffe")
+    conv, pool, relu = nn.Conv2d, nn.MaxPool2d, nn.ReLU
+    assert kinds(net.features) == [conv, pool, relu, conv, pool, relu]
+    assert set(net.state_dict()) - {k for k in net.state_dict() if ".gate." in k} == set(
+        plain.state_dict()
+    )
+    kept = make_prunable(build_network("lenet5-caffe"), gate_after_pool=False)
+    assert kinds(kept.features) == kinds(plain.features) == [conv, relu, pool, conv, relu, pool]
+
+
+@pytest.mark.parametrize("name", ["lenet5-caffe", "bmrs-lenet5"])
+def test_gate_after_pool_computes_the_same_bit_for_bit(name):
+    moved, kept = _gated_pair(name)
+    x = torch.rand(BATCH, *INPUT_SHAPES[name])
+    for train in (True, False):
+        moved.train(train)
+        kept.train(train)
+        with torch.no_grad():
+            torch.manual_seed(1)
+            got = moved(x)
+            torch.manual_seed(1)
+            expected = kept(x)
+        assert torch.equal(got, expected)
+    # The gradients too (per-example noise, training mode).
+    moved.train()
+    kept.train()
+    for net in (moved, kept):
+        torch.manual_seed(2)
+        net(x).square().sum().backward()
+    for (n1, p1), (n2, p2) in zip(moved.named_parameters(), kept.named_parameters(), strict=True):
+        assert n1 == n2
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("act", "moves"),
+    [
+        (nn.ReLU(), True),
+        (nn.LeakyReLU(0.1), True),
+        (nn.LeakyReLU(-0.1), False),
+        (nn.ELU(), True),
+        (nn.Tanh(), True),
+        (nn.Sigmoid(), True),
+        (nn.SiLU(), False),
+        (nn.GELU(), False),
+    ],
+)
+def test_only_non_decreasing_activations_are_moved(act, moves):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3), act, nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 2)
+    )
+    reference = nn.Sequential(*[m for m in net]).eval()  # the same modules, before the move
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        before = reference(x)
+    make_prunable(net)
+    assert isinstance(net[1], nn.MaxPool2d) == moves
+    net.eval()
+    with torch.no_grad():
+        net[0].gate.theta_mean.fill_(1.0)  # identity gates: the network's own function
+        torch.testing.assert_close(net(x), before)
+
+
 # --- errors ------------------------------------------------------------------------------
 
 

@@ -22,10 +22,11 @@ convolution and linear layer of the pruned network, and the selection of the inp
 input gate kept, timed alone on the input each receives in the network, and summed
 (``pruned_layers_s``, per layer in ``layers``). The layers carry all the counted FLOPs, and the
 selection is what reading fewer inputs costs (a first layer as wide as the full input instead
-costs more); pooling and activations only add to them. ``budget_s = full_median_s / (0.8 *
-flops_reduction)`` is the time the whole pruned network may take to meet the target, so where
-``pruned_layers_s > budget_s`` (``floor_over_budget > 1``) no export meets the target with
-PyTorch's kernels on this machine.
+costs more). ``pruned_modules_s`` adds the pooling and the activations, which the pruned network
+must compute as well (every module but the views, each timed alone). ``budget_s =
+full_median_s / (0.8 * flops_reduction)`` is the time the whole pruned network may take to meet
+the target, so where ``pruned_layers_s > budget_s`` (``floor_over_budget > 1``) no export meets
+the target with PyTorch's kernels on this machine.
 
     python benchmarks/export_speedup.py [--min-run-time 2]
 """
@@ -90,15 +91,16 @@ def _pruned_network(name: str, widths: dict[str, int], seed: int = 0):
 def layer_floor(
     module: nn.Module, input_shape: tuple[int, ...], batch_size: int, min_run_time: float
 ) -> list[dict]:
-    """Median time of each ``Conv2d``, ``Linear`` and ``FeatureSelect`` of ``module`` run alone
-    (one thread), on the input it receives when ``module`` runs on a random batch."""
+    """Median time of each leaf module of ``module`` but the views (``Flatten``, ``Identity``)
+    run alone (one thread), on the input it receives when ``module`` runs on a random batch;
+    ``"layer"`` marks the convolutions, linear layers and feature selections."""
     from torch.utils import benchmark
 
     inputs = {}
     hooks = [
         m.register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, args[0]))
         for name, m in module.named_modules()
-        if isinstance(m, nn.Conv2d | nn.Linear | FeatureSelect)
+        if not list(m.children()) and not isinstance(m, nn.Flatten | nn.Identity)
     ]
     try:
         module(torch.rand(batch_size, *input_shape))
@@ -110,7 +112,11 @@ def layer_floor(
         layer = module.get_submodule(name)
         timer = benchmark.Timer(stmt="layer(x)", globals={"layer": layer, "x": x}, num_threads=1)
         layers.append(
-            {"layer": name, "median_s": timer.blocked_autorange(min_run_time=min_run_time).median}
+            {
+                "module": name,
+                "layer": isinstance(layer, nn.Conv2d | nn.Linear | FeatureSelect),
+                "median_s": timer.blocked_autorange(min_run_time=min_run_time).median,
+            }
         )
     return layers
 
@@ -127,7 +133,8 @@ def main() -> None:
         result = compare(full, pruned, shape, sizes, ("cpu",), args.min_run_time)
         for lat in result["latency"]:
             layers = layer_floor(pruned, shape, lat["batch_size"], args.min_run_time / 4)
-            floor = sum(layer["median_s"] for layer in layers)
+            floor = sum(m["median_s"] for m in layers if m["layer"])
+            modules = sum(m["median_s"] for m in layers)
             budget = lat["full_median_s"] / (0.8 * result["flops_reduction"])
             cases.append(
                 {
@@ -146,20 +153,24 @@ def main() -> None:
                     "budget_s": budget,
                     "pruned_layers_s": floor,
                     "floor_over_budget": floor / budget,
-                    "layers": layers,
+                    "pruned_modules_s": modules,
+                    "modules_over_budget": modules / budget,
+                    "modules": layers,
                 }
             )
             print(
                 f"{name:<14} batch {lat['batch_size']:>5}: FLOPs {result['flops_reduction']:.2f}x "
                 f"fewer, {lat['speedup']:.2f}x faster "
                 f"({lat['speedup'] / result['flops_reduction']:.2f} of the FLOPs reduction); "
-                f"layers and selection alone {floor * 1e3:.2f} ms, budget {budget * 1e3:.2f} ms"
+                f"layers and selection alone {floor * 1e3:.2f} ms, all modules alone "
+                f"{modules * 1e3:.2f} ms, budget {budget * 1e3:.2f} ms"
             )
     out = {
         "cases": cases,
         "target": "speedup >= 0.8 * flops_reduction in every case",
         "met": all(c["speedup_over_flops"] >= 0.8 for c in cases),
-        "reachable_with_these_kernels": all(c["floor_over_budget"] <= 1.0 for c in cases),
+        "layers_within_budget": [c["floor_over_budget"] <= 1.0 for c in cases],
+        "modules_within_budget": [c["modules_over_budget"] <= 1.0 for c in cases],
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),

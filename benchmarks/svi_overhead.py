@@ -25,6 +25,10 @@ Variants, timed in the same loop to show where the time goes (``--no-variants`` 
 * svi_lean: a prototype ELBO (defined here) that skips the log-densities of the latent sites
   that ``TraceMeanField_ELBO`` computes and never uses, and computes each gate KL once per unit
   on the un-expanded parameters instead of once per example and unit (same value and gradient);
+* svi_textbook_gates: the default step with the gates' posteriors, their samples and their KL
+  computed by the textbook formulas (:class:`TextbookTruncatedLogNormal`; wrong in the tails):
+  the floor of an SVI step with SBP's truncated gates in eager PyTorch
+  (``svi_textbook_floor_ratio``);
 * svi_gate_at_layer: the default step on a network made prunable with
   ``make_prunable(..., gate_after_pool=False)``: each convolution's gate on the convolution's
   output instead of after its max-pooling (the same function, four times the elements);
@@ -77,9 +81,9 @@ from pyro.distributions import Independent
 from pyro.infer import SVI, JitTraceMeanField_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
-from torch.distributions import Normal, kl_divergence
+from torch.distributions import Normal, kl_divergence, register_kl
 
-from pyro_sbp.distributions import TruncatedLogNormal, TruncatedLogUniform
+from pyro_sbp.distributions import TruncatedLogNormal, TruncatedLogUniform, _standard
 from pyro_sbp.guides import SBPGuide
 from pyro_sbp.models import (
     DEFAULT_HIGH,
@@ -261,6 +265,63 @@ def _textbook_gates(loc, scale, batch):
     return (loc + scale * q).clamp(_LOG_LOW, _LOG_HIGH).exp(), kl
 
 
+def _textbook_terms(loc, scale):
+    # Per-parameter constants of the textbook truncated normal of log(theta) on [_LOG_LOW,
+    # _LOG_HIGH]: alpha, erf(alpha / sqrt 2), Z (clamped away from 0), log Z, alpha phi(alpha)
+    # - beta phi(beta).
+    tiny = torch.finfo(loc.dtype).tiny
+    alpha, beta = (_LOG_LOW - loc) / scale, (_LOG_HIGH - loc) / scale
+    e_alpha = torch.erf((alpha * math.sqrt(0.5)).clamp(-4.0, 4.0))
+    e_beta = torch.erf((beta * math.sqrt(0.5)).clamp(-4.0, 4.0))
+    z = ((e_beta - e_alpha) * 0.5).clamp(min=tiny)
+    pdf_alpha = torch.exp(alpha.square().clamp(max=160.0) * -0.5)
+    pdf_beta = torch.exp(beta.square().clamp(max=160.0) * -0.5)
+    return e_alpha, z, (alpha * pdf_alpha - beta * pdf_beta) / math.sqrt(2.0 * math.pi)
+
+
+class TextbookTruncatedLogNormal(TruncatedLogNormal):
+    """``TruncatedLogNormal`` on the default gate bounds with ``rsample``, ``log_prob`` and the
+    KL to the log-uniform prior by the textbook formulas (:func:`_textbook_terms`; wrong where
+    the truncated mass is small): what an SVI step would cost with the cheapest truncated gates
+    we could write, for the variant svi_textbook_gates. Not an implementation."""
+
+    def _compact(self):
+        return _standard.compact(self.batch_shape, self.loc, self.scale)
+
+    def rsample(self, sample_shape=torch.Size()):
+        loc, scale = self._compact()
+        e_alpha, z, _ = _textbook_terms(loc, scale)
+        u = torch.rand(self._extended_shape(sample_shape))
+        p = (e_alpha + 1.0) * 0.5 + u * z
+        eps = torch.finfo(loc.dtype).eps
+        q = torch.erfinv((2.0 * p - 1.0).clamp(eps - 1.0, 1.0 - eps)) * math.sqrt(2.0)
+        return (loc + scale * q).clamp(_LOG_LOW, _LOG_HIGH).exp()
+
+    def log_prob(self, value):
+        loc, scale = self._compact()
+        _, z, _ = _textbook_terms(loc, scale)
+        x = value.log()
+        xi = (x - loc) / scale
+        return -0.5 * xi.square() - x - (scale * z).log() - 0.5 * math.log(2.0 * math.pi)
+
+
+@register_kl(TextbookTruncatedLogNormal, TruncatedLogUniform)
+def _kl_textbook(p, q):
+    loc, scale = p._compact()
+    _, z, t = _textbook_terms(loc, scale)
+    entropy = 0.5 * math.log(2.0 * math.pi * math.e) + scale.log() + z.log() + t / (2.0 * z)
+    return (math.log(_LOG_HIGH - _LOG_LOW) - entropy).expand(p.batch_shape)
+
+
+class TextbookGuide(SBPGuide):
+    """``SBPGuide`` whose posteriors are :class:`TextbookTruncatedLogNormal`."""
+
+    def posterior(self, site):
+        gate = dict(self._gates)[site]
+        loc, log_scale = self.params(site)
+        return TextbookTruncatedLogNormal(loc, log_scale.exp(), gate.low, gate.high)
+
+
 # --- the benchmark ----------------------------------------------------------------------------
 
 
@@ -361,6 +422,15 @@ def build_steps(args, x, y, idx):
         model_at_layer, guide_at_layer, pyro.optim.Adam(_optim_args), TraceMeanField_ELBO()
     )
     steps["svi_gate_at_layer"] = lambda: svi_at_layer.step(x, y, idx)
+    # The same step with the textbook truncated gates (same parameters, Pyro names them alike).
+    net_tb, model_tb, _ = _gated_setup()
+    svi_tb = SVI(
+        model_tb,
+        TextbookGuide(net_tb, NUM_DATA),
+        pyro.optim.Adam(_optim_args),
+        TraceMeanField_ELBO(),
+    )
+    steps["svi_textbook_gates"] = lambda: svi_tb.step(x, y, idx)
     svi_lean = SVI(model, guide, pyro.optim.Adam(_optim_args), LeanMeanFieldELBO())
     steps["svi_lean"] = lambda: svi_lean.step(x, y, idx)
 
@@ -465,6 +535,9 @@ def run(args) -> dict:
         # (torch_gated_textbook), over the plain one; None when the variants were skipped.
         "floor_ratio": (
             med["torch_gated_lognormal"] / med["plain"] if "torch_gated_lognormal" in med else None
+        ),
+        "svi_textbook_floor_ratio": (
+            med["svi_textbook_gates"] / med["plain"] if "svi_textbook_gates" in med else None
         ),
         "truncated_floor_ratio": (
             med["torch_gated_textbook"] / med["plain"] if "torch_gated_textbook" in med else None

@@ -115,3 +115,24 @@ def test_layer_floor_times_every_module_but_the_views():
     assert len(layers) == 4  # the input selection and three layers
     assert len(timed) == 6  # and two ReLUs
     assert all(t["median_s"] > 0 for t in timed)
+
+
+def test_textbook_distribution_of_the_svi_floor():
+    bench = _load("svi_overhead")
+    torch.manual_seed(0)
+    loc = torch.empty(50).uniform_(-15.0, -5.0)
+    scale = torch.empty(50).uniform_(0.5, 2.0)
+    low, high = math.exp(LOG_LOW), math.exp(LOG_HIGH)
+    q = bench.TextbookTruncatedLogNormal(loc, scale, low, high).expand((7, 50))
+    assert type(q) is bench.TextbookTruncatedLogNormal
+    prior = TruncatedLogUniform(torch.tensor(low), high).expand((7, 50))
+    d, kl_ref, _, _ = _reference(loc, scale)
+    torch.testing.assert_close(
+        kl_divergence(q, prior).double(), kl_ref.expand(7, 50), rtol=1e-4, atol=1e-6
+    )
+    theta = q.rsample()
+    assert theta.shape == (7, 50)
+    assert ((theta >= low) & (theta <= high)).all()
+    torch.testing.assert_close(
+        q.log_prob(theta).double(), d.log_prob(theta.double()), rtol=1e-4, atol=1e-4
+    )

@@ -240,35 +240,10 @@ def _gated_logits(net, theta: dict, x):
 _LOG_LOW, _LOG_HIGH = math.log(DEFAULT_LOW), math.log(DEFAULT_HIGH)
 
 
-def _textbook_gates(loc, scale, batch):
-    """Per-example truncated log-normal gates (inverse CDF through ``erfinv``) and the summed
-    KL to the log-uniform prior, by the textbook formulas in as few passes as we could write
-    them. Wrong where the truncated mass is below float precision: a cost floor, not an
-    implementation (compare ``benchmarks/distributions.py``'s ``textbook``)."""
-    tiny = torch.finfo(loc.dtype).tiny
-    alpha, beta = (_LOG_LOW - loc) / scale, (_LOG_HIGH - loc) / scale
-    e_alpha = torch.erf((alpha * math.sqrt(0.5)).clamp(-4.0, 4.0))
-    e_beta = torch.erf((beta * math.sqrt(0.5)).clamp(-4.0, 4.0))
-    z = ((e_beta - e_alpha) * 0.5).clamp(min=tiny)
-    pdf_alpha = torch.exp(alpha.square().clamp(max=160.0) * -0.5)
-    pdf_beta = torch.exp(beta.square().clamp(max=160.0) * -0.5)
-    entropy = (
-        0.5 * math.log(2.0 * math.pi * math.e)
-        + scale.log()
-        + z.log()
-        + (alpha * pdf_alpha - beta * pdf_beta) / (2.0 * math.sqrt(2.0 * math.pi) * z)
-    )
-    kl = (math.log(_LOG_HIGH - _LOG_LOW) - entropy).sum()
-    p = (e_alpha + 1.0) * 0.5 + torch.rand(batch, loc.shape[0]) * z
-    eps = torch.finfo(loc.dtype).eps
-    q = torch.erfinv((2.0 * p - 1.0).clamp(eps - 1.0, 1.0 - eps)) * math.sqrt(2.0)
-    return (loc + scale * q).clamp(_LOG_LOW, _LOG_HIGH).exp(), kl
-
-
 def _textbook_terms(loc, scale):
     # Per-parameter constants of the textbook truncated normal of log(theta) on [_LOG_LOW,
-    # _LOG_HIGH]: alpha, erf(alpha / sqrt 2), Z (clamped away from 0), log Z, alpha phi(alpha)
-    # - beta phi(beta).
+    # _LOG_HIGH]: erf(alpha / sqrt 2), Z (clamped away from 0) and alpha phi(alpha) - beta
+    # phi(beta).
     tiny = torch.finfo(loc.dtype).tiny
     alpha, beta = (_LOG_LOW - loc) / scale, (_LOG_HIGH - loc) / scale
     e_alpha = torch.erf((alpha * math.sqrt(0.5)).clamp(-4.0, 4.0))
@@ -277,6 +252,30 @@ def _textbook_terms(loc, scale):
     pdf_alpha = torch.exp(alpha.square().clamp(max=160.0) * -0.5)
     pdf_beta = torch.exp(beta.square().clamp(max=160.0) * -0.5)
     return e_alpha, z, (alpha * pdf_alpha - beta * pdf_beta) / math.sqrt(2.0 * math.pi)
+
+
+def _textbook_sample(loc, scale, e_alpha, z, u):
+    # The inverse CDF at u through erfinv.
+    p = (e_alpha + 1.0) * 0.5 + u * z
+    eps = torch.finfo(loc.dtype).eps
+    q = torch.erfinv((2.0 * p - 1.0).clamp(eps - 1.0, 1.0 - eps)) * math.sqrt(2.0)
+    return (loc + scale * q).clamp(_LOG_LOW, _LOG_HIGH).exp()
+
+
+def _textbook_kl(scale, z, t):
+    # KL to the log-uniform prior: log(b - a) minus the entropy of log(theta).
+    entropy = 0.5 * math.log(2.0 * math.pi * math.e) + scale.log() + z.log() + t / (2.0 * z)
+    return math.log(_LOG_HIGH - _LOG_LOW) - entropy
+
+
+def _textbook_gates(loc, scale, batch):
+    """Per-example truncated log-normal gates (inverse CDF through ``erfinv``) and the summed
+    KL to the log-uniform prior, by the textbook formulas in as few passes as we could write
+    them. Wrong where the truncated mass is below float precision: a cost floor, not an
+    implementation (compare ``benchmarks/distributions.py``'s ``textbook``)."""
+    e_alpha, z, t = _textbook_terms(loc, scale)
+    theta = _textbook_sample(loc, scale, e_alpha, z, torch.rand(batch, loc.shape[0]))
+    return theta, _textbook_kl(scale, z, t).sum()
 
 
 class TextbookTruncatedLogNormal(TruncatedLogNormal):
@@ -292,10 +291,7 @@ class TextbookTruncatedLogNormal(TruncatedLogNormal):
         loc, scale = self._compact()
         e_alpha, z, _ = _textbook_terms(loc, scale)
         u = torch.rand(self._extended_shape(sample_shape))
-        p = (e_alpha + 1.0) * 0.5 + u * z
-        eps = torch.finfo(loc.dtype).eps
-        q = torch.erfinv((2.0 * p - 1.0).clamp(eps - 1.0, 1.0 - eps)) * math.sqrt(2.0)
-        return (loc + scale * q).clamp(_LOG_LOW, _LOG_HIGH).exp()
+        return _textbook_sample(loc, scale, e_alpha, z, u)
 
     def log_prob(self, value):
         loc, scale = self._compact()
@@ -309,8 +305,7 @@ class TextbookTruncatedLogNormal(TruncatedLogNormal):
 def _kl_textbook(p, q):
     loc, scale = p._compact()
     _, z, t = _textbook_terms(loc, scale)
-    entropy = 0.5 * math.log(2.0 * math.pi * math.e) + scale.log() + z.log() + t / (2.0 * z)
-    return (math.log(_LOG_HIGH - _LOG_LOW) - entropy).expand(p.batch_shape)
+    return _textbook_kl(scale, z, t).expand(p.batch_shape)
 
 
 class TextbookGuide(SBPGuide):

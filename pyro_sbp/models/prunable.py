@@ -29,14 +29,22 @@ def _default_layers(net: nn.Module) -> list[str]:
     return names[:-1]
 
 
-def _following_norm(net: nn.Module, name: str, units: int) -> nn.Module | None:
-    # A BatchNorm right after the layer in the same Sequential.
+def _in_sequential(net: nn.Module, name: str) -> tuple[nn.Sequential, list[str], int] | None:
+    # The Sequential that holds the module ``name``, its keys, and the module's position.
     parent_name, _, child = name.rpartition(".")
     parent = net.get_submodule(parent_name) if parent_name else net
     if not isinstance(parent, nn.Sequential):
         return None
     keys = list(parent._modules)
-    pos = keys.index(child)
+    return parent, keys, keys.index(child)
+
+
+def _following_norm(net: nn.Module, name: str, units: int) -> nn.Module | None:
+    # A BatchNorm right after the layer in the same Sequential.
+    found = _in_sequential(net, name)
+    if found is None:
+        return None
+    parent, keys, pos = found
     if pos + 1 < len(keys):
         nxt = parent._modules[keys[pos + 1]]
         if isinstance(nxt, _NORMS) and nxt.num_features == units:
@@ -87,12 +95,10 @@ def _gate_after_pool(pool: nn.Module, _inputs, out: Tensor) -> Tensor:
 def _following_pool(net: nn.Module, name: str) -> tuple[nn.Sequential, str | None, str] | None:
     # A max-pooling right after the layer in the same Sequential, or after a non-decreasing
     # activation: (the Sequential, the activation's key or None, the pooling's key).
-    parent_name, _, child = name.rpartition(".")
-    parent = net.get_submodule(parent_name) if parent_name else net
-    if not isinstance(parent, nn.Sequential):
+    found = _in_sequential(net, name)
+    if found is None:
         return None
-    keys = list(parent._modules)
-    pos = keys.index(child)
+    parent, keys, pos = found
     act = None
     if pos + 2 < len(keys) and commutes_with_max(parent._modules[keys[pos + 1]]):
         act, pos = keys[pos + 1], pos + 1

@@ -105,11 +105,10 @@ def _following_pool(net: nn.Module, name: str) -> tuple[nn.Sequential, str | Non
     if pos + 1 >= len(keys):
         return None
     pool = parent._modules[keys[pos + 1]]
-    if (
-        not isinstance(pool, nn.MaxPool2d)
-        or pool.return_indices
-        or hasattr(pool, "_sbp_gated_layer")
-    ):
+    if not isinstance(pool, nn.MaxPool2d) or pool.return_indices:
+        return None
+    # A pooling module used in more than one place would gate every output it pools.
+    if sum(m is pool for _, m in net.named_modules(remove_duplicate=False)) > 1:
         return None
     return parent, act, keys[pos + 1]
 

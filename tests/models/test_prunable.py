@@ -1,5 +1,7 @@
 """make_prunable on the built-in networks: where the gates go, their site names and shapes."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -291,6 +293,24 @@ def test_gate_after_pool_computes_the_same_bit_for_bit(name):
     for (n1, p1), (n2, p2) in zip(moved.named_parameters(), kept.named_parameters(), strict=True):
         assert n1 == n2
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_shared_pooling_module_keeps_the_gates_at_their_layers():
+    # One MaxPool2d object in two places: a hook on it would gate both outputs with one gate.
+    torch.manual_seed(0)
+    pool, act = nn.MaxPool2d(2), nn.ReLU()
+    layers = [nn.Conv2d(1, 4, 3), act, pool, nn.Conv2d(4, 4, 3), act, pool, nn.Flatten()]
+    plain = nn.Sequential(*layers, nn.Linear(16, 2))
+    net = make_prunable(copy.deepcopy(plain))
+    kept = make_prunable(copy.deepcopy(plain), gate_after_pool=False)
+    assert isinstance(net[1], nn.ReLU) and isinstance(net[4], nn.ReLU)  # nothing moved
+    with torch.no_grad():
+        for (_, g1), (_, g2) in zip(named_gates(net), named_gates(kept), strict=True):
+            g1.theta_mean.uniform_(0.1, 1.0)
+            g2.theta_mean.copy_(g1.theta_mean)
+    x = torch.randn(5, 1, 14, 14)
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), kept.eval()(x))
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ import statistics
 import time
 from pathlib import Path
 
+import textbook_formulas as tb
 import torch
 from torch.distributions import LogNormal, Normal, kl_divergence
 
@@ -41,43 +42,21 @@ from pyro_sbp.distributions import TruncatedLogNormal, TruncatedLogUniform
 RESULTS = Path(__file__).parent / "results" / "distributions.json"
 
 
-_SQRT1_2 = math.sqrt(0.5)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_HALF_LOG_2PI_E = 0.5 * math.log(2.0 * math.pi * math.e)
-
-
 def textbook(loc, scale, log_low: float, log_high: float, u):
     """rsample (at uniforms ``u``), KL to the log-uniform, mean and variance of the truncated
-    log-normal by the textbook formulas, in as few eager passes as we could write them.
+    log-normal by the textbook formulas (:mod:`textbook_formulas`), in as few eager passes as we
+    could write them.
 
     Not an implementation: where the truncated mass ``Z`` (or that of the tilted normals of the
-    mean and variance) is below float precision it returns garbage (it is clamped to the smallest
-    normal number so that the logs stay finite and fast). Only a cost floor for the benchmark.
+    mean and variance) is below float precision it returns garbage. Only a cost floor.
     """
-    tiny = torch.finfo(loc.dtype).tiny
-
-    def mass(lo, hi):
-        # Phi(hi) - Phi(lo); erf is +-1 in float32 beyond +-4, and the clamp keeps it fast.
-        e_lo = torch.erf((lo * _SQRT1_2).clamp(-4.0, 4.0))
-        e_hi = torch.erf((hi * _SQRT1_2).clamp(-4.0, 4.0))
-        return ((e_hi - e_lo) * 0.5).clamp(min=tiny), e_lo
-
-    alpha, beta = (log_low - loc) / scale, (log_high - loc) / scale
-    z, e_alpha = mass(alpha, beta)
-    pdf_alpha = torch.exp(alpha.square().clamp(max=160.0) * -0.5) * _INV_SQRT_2PI
-    pdf_beta = torch.exp(beta.square().clamp(max=160.0) * -0.5) * _INV_SQRT_2PI
-    entropy = (
-        _HALF_LOG_2PI_E + scale.log() + z.log() + (alpha * pdf_alpha - beta * pdf_beta) / (2 * z)
-    )
-    kl = math.log(log_high - log_low) - entropy
-    z1, _ = mass(alpha - scale, beta - scale)
-    z2, _ = mass(alpha - 2.0 * scale, beta - 2.0 * scale)
+    alpha, beta, e_alpha, z, t = tb.terms(loc, scale, log_low, log_high)
+    kl = tb.kl(scale, z, t, log_low, log_high)
+    z1, _ = tb.mass(alpha - scale, beta - scale)
+    z2, _ = tb.mass(alpha - 2.0 * scale, beta - 2.0 * scale)
     mean = torch.exp(loc + 0.5 * scale.square()) * z1 / z
     variance = mean.square() * torch.expm1(scale.square() + (z2 * z / z1.square()).log())
-    p = (e_alpha + 1.0) * 0.5 + u * z
-    eps = torch.finfo(loc.dtype).eps
-    q = torch.erfinv((2.0 * p - 1.0).clamp(eps - 1.0, 1.0 - eps)) * math.sqrt(2.0)
-    theta = (loc + scale * q).clamp(log_low, log_high).exp()
+    theta = tb.sample(loc, scale, e_alpha, z, u, log_low, log_high)
     return theta, kl, mean, variance
 
 

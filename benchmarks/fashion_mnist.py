@@ -152,15 +152,16 @@ def _evaluate_criterion(run: Path, config, splits, name, criterion, finetune, sp
     full, pruned = export_full(trainer.net, shape), export_pruned(trainer.net, shape)
     units = {s: [int(g.mask.sum()), g.num_units] for s, g in named_gates(trainer.net)}
     kept, total = sum(k for k, _ in units.values()), sum(n for _, n in units.values())
+    params_full, params_pruned = count_parameters(full), count_parameters(pruned)
     out = {
         "criterion": name,
         "spec": criterion,
         "accuracy": 100 * accuracy,
         "units": units,
         "compression_units": 100 * (1 - kept / total),
-        "params_full": count_parameters(full),
-        "params_pruned": count_parameters(pruned),
-        "compression_params": 100 * (1 - count_parameters(pruned) / count_parameters(full)),
+        "params_full": params_full,
+        "params_pruned": params_pruned,
+        "compression_params": 100 * (1 - params_pruned / params_full),
         "flops_reduction": count_flops(full, shape) / max(count_flops(pruned, shape), 1),
     }
     if speed:

@@ -73,6 +73,7 @@ from pathlib import Path
 import pyro
 import pyro.infer.util
 import pyro.poutine.util
+import textbook_formulas as tb
 import torch
 import torch.nn.functional as F
 import torch.profiler
@@ -240,47 +241,20 @@ def _gated_logits(net, theta: dict, x):
 _LOG_LOW, _LOG_HIGH = math.log(DEFAULT_LOW), math.log(DEFAULT_HIGH)
 
 
-def _textbook_terms(loc, scale):
-    # Per-parameter constants of the textbook truncated normal of log(theta) on [_LOG_LOW,
-    # _LOG_HIGH]: erf(alpha / sqrt 2), Z (clamped away from 0) and alpha phi(alpha) - beta
-    # phi(beta).
-    tiny = torch.finfo(loc.dtype).tiny
-    alpha, beta = (_LOG_LOW - loc) / scale, (_LOG_HIGH - loc) / scale
-    e_alpha = torch.erf((alpha * math.sqrt(0.5)).clamp(-4.0, 4.0))
-    e_beta = torch.erf((beta * math.sqrt(0.5)).clamp(-4.0, 4.0))
-    z = ((e_beta - e_alpha) * 0.5).clamp(min=tiny)
-    pdf_alpha = torch.exp(alpha.square().clamp(max=160.0) * -0.5)
-    pdf_beta = torch.exp(beta.square().clamp(max=160.0) * -0.5)
-    return e_alpha, z, (alpha * pdf_alpha - beta * pdf_beta) / math.sqrt(2.0 * math.pi)
-
-
-def _textbook_sample(loc, scale, e_alpha, z, u):
-    # The inverse CDF at u through erfinv.
-    p = (e_alpha + 1.0) * 0.5 + u * z
-    eps = torch.finfo(loc.dtype).eps
-    q = torch.erfinv((2.0 * p - 1.0).clamp(eps - 1.0, 1.0 - eps)) * math.sqrt(2.0)
-    return (loc + scale * q).clamp(_LOG_LOW, _LOG_HIGH).exp()
-
-
-def _textbook_kl(scale, z, t):
-    # KL to the log-uniform prior: log(b - a) minus the entropy of log(theta).
-    entropy = 0.5 * math.log(2.0 * math.pi * math.e) + scale.log() + z.log() + t / (2.0 * z)
-    return math.log(_LOG_HIGH - _LOG_LOW) - entropy
-
-
 def _textbook_gates(loc, scale, batch):
     """Per-example truncated log-normal gates (inverse CDF through ``erfinv``) and the summed
     KL to the log-uniform prior, by the textbook formulas in as few passes as we could write
     them. Wrong where the truncated mass is below float precision: a cost floor, not an
     implementation (compare ``benchmarks/distributions.py``'s ``textbook``)."""
-    e_alpha, z, t = _textbook_terms(loc, scale)
-    theta = _textbook_sample(loc, scale, e_alpha, z, torch.rand(batch, loc.shape[0]))
-    return theta, _textbook_kl(scale, z, t).sum()
+    _, _, e_alpha, z, t = tb.terms(loc, scale, _LOG_LOW, _LOG_HIGH)
+    u = torch.rand(batch, loc.shape[0])
+    theta = tb.sample(loc, scale, e_alpha, z, u, _LOG_LOW, _LOG_HIGH)
+    return theta, tb.kl(scale, z, t, _LOG_LOW, _LOG_HIGH).sum()
 
 
 class TextbookTruncatedLogNormal(TruncatedLogNormal):
     """``TruncatedLogNormal`` on the default gate bounds with ``rsample``, ``log_prob`` and the
-    KL to the log-uniform prior by the textbook formulas (:func:`_textbook_terms`; wrong where
+    KL to the log-uniform prior by the textbook formulas (:mod:`textbook_formulas`; wrong where
     the truncated mass is small): what an SVI step would cost with the cheapest truncated gates
     we could write, for the variant svi_textbook_gates. Not an implementation."""
 
@@ -289,13 +263,13 @@ class TextbookTruncatedLogNormal(TruncatedLogNormal):
 
     def rsample(self, sample_shape=torch.Size()):
         loc, scale = self._compact()
-        e_alpha, z, _ = _textbook_terms(loc, scale)
+        _, _, e_alpha, z, _ = tb.terms(loc, scale, _LOG_LOW, _LOG_HIGH)
         u = torch.rand(self._extended_shape(sample_shape))
-        return _textbook_sample(loc, scale, e_alpha, z, u)
+        return tb.sample(loc, scale, e_alpha, z, u, _LOG_LOW, _LOG_HIGH)
 
     def log_prob(self, value):
         loc, scale = self._compact()
-        _, z, _ = _textbook_terms(loc, scale)
+        _, _, _, z, _ = tb.terms(loc, scale, _LOG_LOW, _LOG_HIGH)
         x = value.log()
         xi = (x - loc) / scale
         return -0.5 * xi.square() - x - (scale * z).log() - 0.5 * math.log(2.0 * math.pi)
@@ -304,8 +278,8 @@ class TextbookTruncatedLogNormal(TruncatedLogNormal):
 @register_kl(TextbookTruncatedLogNormal, TruncatedLogUniform)
 def _kl_textbook(p, q):
     loc, scale = p._compact()
-    _, z, t = _textbook_terms(loc, scale)
-    return _textbook_kl(scale, z, t).expand(p.batch_shape)
+    _, _, _, z, t = tb.terms(loc, scale, _LOG_LOW, _LOG_HIGH)
+    return tb.kl(scale, z, t, _LOG_LOW, _LOG_HIGH).expand(p.batch_shape)
 
 
 class TextbookGuide(SBPGuide):

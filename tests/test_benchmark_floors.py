@@ -20,6 +20,9 @@ LOG_LOW, LOG_HIGH = -20.0, 0.0
 
 
 def _load(name):
+    # The scripts import their shared helpers (textbook_formulas) from their own folder.
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

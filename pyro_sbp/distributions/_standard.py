@@ -482,14 +482,14 @@ def _tail_excess(al: Tensor, be: Tensor, width: Tensor, u: Tensor, ubar: Tensor)
     tiny = torch.finfo(dtype).tiny
     moderate = al < _ndtr_tail_threshold(dtype)
 
-    def by_ndtri(al, log_p):
+    def by_ndtri(al, log_p, ea):
         # Phi(-alpha) p with alpha < 10 (clamped: this runs on every element, and its values
         # are replaced by Newton's beyond); kept >= tiny so that ndtri stays finite.
         al = al.clamp(max=_ndtr_tail_threshold(dtype))
         p = (_normal_cdf_neg(al).log() + log_p).exp().clamp(min=tiny)
         return ((-torch.special.ndtri(p) - al).clamp(min=0.0),)
 
-    def by_newton(al, log_p):
+    def by_newton(al, log_p, ea):
         # g(z) = log(Phi(-alpha - z) / Phi(-alpha)) - log p, decreasing and concave, with
         # slope -r(alpha + z), r(y) = sqrt(2/pi) / erfcx(y / sqrt 2) the inverse Mills ratio.
         # Newton from the root of its quadratic part (an upper bound) converges monotonically.
@@ -498,7 +498,6 @@ def _tail_excess(al: Tensor, be: Tensor, width: Tensor, u: Tensor, ubar: Tensor)
             g = torch.log(ey / ea) - 0.5 * z * (2.0 * a + z) - lp
             return g, _SQRT_2_OVER_PI / ey
 
-        ea = erfcx(al * _SQRT1_2)
         with torch.no_grad():
             a, e, lp = al.detach(), ea.detach(), log_p.detach()
             z = -2.0 * lp / (a + torch.sqrt(a * a - 2.0 * lp))
@@ -509,7 +508,7 @@ def _tail_excess(al: Tensor, be: Tensor, width: Tensor, u: Tensor, ubar: Tensor)
         g, slope = g_and_slope(al, ea, z, log_p)
         return ((z + g / slope.detach()).clamp(min=0.0),)
 
-    return _overlay(~moderate, by_newton, by_ndtri, al, log_p)
+    return _overlay(~moderate, by_newton, by_ndtri, al, log_p, ea)
 
 
 def sample_offset(

@@ -304,7 +304,7 @@ def export_pruned(
 
 def _gate_values(site_gate, masks, dtype) -> tuple[Tensor, Tensor]:
     """``(kept, value)`` of a gate: its keep-mask (``masks`` override the gate's own) and
-    :math:`\\mathbb E[\theta]` times that mask, per unit."""
+    ``E[theta]`` (``theta_mean``) times that mask, per unit."""
     site, gate = site_gate
     mask = (masks[site] if masks is not None and site in masks else gate.mask).detach().cpu()
     kept = mask > 0

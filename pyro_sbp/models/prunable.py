@@ -63,33 +63,26 @@ def commutes_with_max(m: nn.Module) -> bool:
     return isinstance(m, nn.ReLU | nn.ReLU6 | nn.Hardtanh | nn.Tanh | nn.Sigmoid)
 
 
-def _gate_and_bias(layer: nn.Module, out: Tensor) -> Tensor:
-    # gate -> bias on a bias-free response: the mask also removes the bias of a removed unit, so
-    # that a removed unit is exactly zero.
+def _gate_response(layer: nn.Module, out: Tensor) -> Tensor:
+    # gate -> bias: the gate scales the bias-free response, and the mask also removes the bias of
+    # a removed unit, so that a removed unit is exactly zero.
     gate = layer.gate
     bias = layer.bias
     if bias is None:
         return gate(out)
     b = bias.reshape((1, -1) + (1,) * (out.dim() - 2))
-    return gate(out) + b * gate.mask.reshape(b.shape)
-
-
-def _without_bias(out: Tensor, layer: nn.Module) -> Tensor:
-    if layer.bias is None:
-        return out
-    return out - layer.bias.reshape((1, -1) + (1,) * (out.dim() - 2))
+    return gate(out - b) + b * gate.mask.reshape(b.shape)
 
 
 def _gate_before_bias(layer: nn.Module, _inputs, out: Tensor) -> Tensor:
-    # conv / linear -> gate -> bias (SBP): the gate scales the bias-free response.
-    return _gate_and_bias(layer, _without_bias(out, layer))
+    # conv / linear -> gate -> bias (SBP).
+    return _gate_response(layer, out)
 
 
 def _gate_after_pool(pool: nn.Module, _inputs, out: Tensor) -> Tensor:
     # conv -> max-pool -> gate -> bias: the bias is taken out after the pooling (a maximum
     # commutes with subtracting a constant, in floating point too), on the pooled elements only.
-    layer = pool._sbp_gated_layer
-    return _gate_and_bias(layer, _without_bias(out, layer))
+    return _gate_response(pool._sbp_gated_layer, out)
 
 
 def _following_pool(net: nn.Module, name: str) -> tuple[nn.Sequential, str | None, str] | None:

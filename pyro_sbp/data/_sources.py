@@ -230,7 +230,16 @@ def _load_mnist_like(
         if paths is not None:
             return _from_idx_files(paths, 10)
         looked.append(f"{raw} (missing {', '.join(missing)})")
-    for directory in system_dirs:
+        if not download:
+            # A directory the user named is where the data must be: falling back to another
+            # copy would train on data the user did not point at.
+            places = "\n".join(f"  - {p}" for p in looked)
+            raise FileNotFoundError(
+                f"{name}: data_dir {root} holds no {name} data set: the IDX files "
+                f"({', '.join(_IDX_STEMS)}, each plain or .gz) were not found. Looked in:\n"
+                f"{places}\nTo get them: {how_to_get}"
+            )
+    for directory in system_dirs if root is None else ():
         paths, missing = _find_idx_files(Path(directory))
         if paths is not None:
             return _from_idx_files(paths, 10)
@@ -257,9 +266,10 @@ def load_fashion_mnist(
     """
     Fashion-MNIST (60000 train + 10000 test 28x28 grey-scale images, 10 classes).
 
-    Search order: the IDX files directly in ``data_dir``; a torchvision root
+    With a ``data_dir``: the IDX files directly in it, or a torchvision root
     ``data_dir/FashionMNIST/raw`` (through :class:`torchvision.datasets.FashionMNIST` when
-    torchvision's own layout is there, else the ``.gz`` files with :func:`read_idx`); then
+    torchvision's own layout is there, else the ``.gz`` files with :func:`read_idx`); a
+    ``data_dir`` that holds neither is an error (no other copy is used instead). Without one:
     ``system_dirs`` (by default :data:`FASHION_MNIST_SYSTEM_DIRS`, i.e.
     ``/usr/share/datasets/fashion-mnist``, where Debian's ``dataset-fashion-mnist`` package puts
     them). Only with ``download=True`` is anything downloaded, by torchvision into ``data_dir``.
@@ -267,7 +277,7 @@ def load_fashion_mnist(
     :param data_dir: The user's data directory.
     :type data_dir: str or os.PathLike or None
     :param bool download: Download with torchvision into ``data_dir`` if not found.
-    :param system_dirs: Directories searched after ``data_dir``.
+    :param system_dirs: Directories searched when no ``data_dir`` is given.
     :type system_dirs: tuple[str, ...] or None
     :rtype: RawData
     :raises FileNotFoundError: if the files are found nowhere (the message lists every place
@@ -448,6 +458,9 @@ def load_raw(
             f"unexpected keyword argument(s) {sorted(synthetic_kwargs)} for {name!r}: only "
             f"'synthetic' takes extra keyword arguments ({', '.join(SYNTHETIC_DEFAULTS)})"
         )
+    if data_dir is not None and name in ("digits", "synthetic"):
+        where = "embedded in scikit-learn" if name == "digits" else "generated"
+        raise ValueError(f"data set {name!r} is {where} and reads no files: drop data_dir")
     if name == "digits":
         return load_digits()
     if name == "fashion-mnist":

@@ -75,10 +75,40 @@ class DataSplits:
     std: tuple[float, ...]
     split: dict[str, Any] = field(repr=False)
 
+    def __post_init__(self):
+        check_finite_inputs(self)
+
     @property
     def num_train(self) -> int:
         """Number of training examples (the data set size for scaling the ELBO)."""
         return len(self.train)
+
+
+def check_finite_inputs(splits: DataSplits) -> None:
+    """Refuse inputs that are ``nan`` or infinite, naming the split and the first example.
+
+    :raises ValueError: at the first non-finite input: its split, its position in the split
+        and, where the split records it, its index in the data set.
+    """
+    for part in ("train", "val", "test"):
+        dataset = getattr(splits, part)
+        if dataset is None:
+            continue
+        x = dataset.tensors[0]
+        if not x.is_floating_point():
+            continue
+        bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            value = x[i].reshape(-1)[~torch.isfinite(x[i].reshape(-1))][0].item()
+            indices = (splits.split or {}).get("indices", {}).get(part)
+            known = indices is not None and i < len(indices)
+            origin = f" (example {indices[i]} of the data set)" if known else ""
+            count = int(bad.sum())
+            raise ValueError(
+                f"{splits.name}: non-finite input ({value}) in the {part} split at index {i}"
+                f"{origin}; {count} of its {len(x)} examples have one"
+            )
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:

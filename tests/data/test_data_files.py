@@ -132,10 +132,17 @@ def test_fashion_mnist_data_dir_before_system_dir(
     arrays = write_fake_idx_set(mine, seed=2)
     monkeypatch.setattr(_sources, "FASHION_MNIST_SYSTEM_DIRS", (str(system),))
     _check_images(load_dataset("fashion-mnist", mine), arrays)
-    # An empty data_dir falls through to the system directory.
+    # An explicit data_dir that holds no data set is an error naming what was looked for; the
+    # system copy is not used instead.
     (tmp_path / "empty").mkdir()
-    s = load_dataset("fashion-mnist", tmp_path / "empty")
-    assert s.split["source"] == str(system)
+    with pytest.raises(FileNotFoundError) as info:
+        load_dataset("fashion-mnist", tmp_path / "empty")
+    message = str(info.value)
+    assert f"data_dir {tmp_path / 'empty'} holds no fashion-mnist data set" in message
+    assert "train-images-idx3-ubyte" in message
+    assert str(system) not in message
+    # Without a data_dir the system copy is found.
+    assert load_dataset("fashion-mnist").split["source"] == str(system)
 
 
 def test_fashion_mnist_corrupt_file_is_an_error(
@@ -165,12 +172,9 @@ def test_fashion_mnist_missing(tmp_path: Path, no_system_dirs: Path) -> None:
     with pytest.raises(FileNotFoundError) as info:
         load_dataset("fashion-mnist", tmp_path / "partial")
     message = str(info.value)
-    for place in (
-        tmp_path / "partial",
-        tmp_path / "partial" / "FashionMNIST" / "raw",
-        no_system_dirs,
-    ):
+    for place in (tmp_path / "partial", tmp_path / "partial" / "FashionMNIST" / "raw"):
         assert f"- {place} (missing" in message
+    assert str(no_system_dirs) not in message  # a data_dir given is the only place looked in
     assert "missing train-labels-idx1-ubyte[.gz]" in message
     assert "apt-get install dataset-fashion-mnist" in message
     assert "download=True" in message

@@ -180,3 +180,31 @@ def test_rebuild_from_record(name: str) -> None:
     )
     assert rebuilt.split == original.split
     assert torch.equal(rebuilt.train.tensors[0], original.train.tensors[0])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("part", ["train", "val", "test"])
+def test_non_finite_inputs_are_refused_with_split_and_index(
+    digits: DataSplits, part: str, bad: float
+) -> None:
+    import dataclasses
+
+    from torch.utils.data import TensorDataset
+
+    x, y = getattr(digits, part).tensors
+    x = x.clone()
+    x[7, 0, 3, 2] = bad
+    x[11, 0, 0, 0] = bad
+    example = digits.split["indices"][part][7]
+    with pytest.raises(ValueError) as info:
+        dataclasses.replace(digits, **{part: TensorDataset(x, y)})
+    message = str(info.value)
+    assert f"non-finite input ({bad}) in the {part} split at index 7" in message, message
+    assert f"(example {example} of the data set)" in message
+    assert f"2 of its {len(x)} examples" in message
+
+
+@pytest.mark.parametrize("name", ["digits", "synthetic"])
+def test_a_data_dir_for_a_data_set_that_reads_no_files_is_refused(name: str, tmp_path) -> None:
+    with pytest.raises(ValueError, match=f"'{name}' is .* and reads no files: drop data_dir"):
+        load_dataset(name, tmp_path)

@@ -22,6 +22,26 @@ def _json_dict(text: str) -> dict:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _add_train(sub) -> None:
     from pyro_sbp.infer import TrainConfig
 
@@ -31,15 +51,25 @@ def _add_train(sub) -> None:
         help="fit a gated network with SVI",
         description=(
             "Pretrain a network (gates off), then fit weights and gate posteriors by SVI with "
-            "TraceMeanField_ELBO. Writes checkpoint.pt (resumable) and history.json to --out.\n\n"
+            "TraceMeanField_ELBO. Writes checkpoint.pt (resumable) and history.json to --out, "
+            "after every epoch and every --checkpoint-every steps. Ctrl-C (SIGINT) or SIGTERM "
+            "stops after the current step with a checkpoint; --resume continues from it, with "
+            "the run's own settings (--model and --network-kwargs may be left out).\n\n"
             f"models: {', '.join(NETWORKS)}\ndata sets: {', '.join(DATASETS)}"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", choices=list(NETWORKS), default=d.model, help="network")
+    p.add_argument(
+        "--model", choices=list(NETWORKS), default=None, help=f"network (default {d.model})"
+    )
     p.add_argument("--dataset", choices=list(DATASETS), default=d.dataset, help="data set")
     p.add_argument("--data-dir", default=None, help="where the data set's files are")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="SVI epochs")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"SVI epochs (default {d.epochs}; with --resume, the run's own)",
+    )
     p.add_argument("--pretrain-epochs", type=int, default=d.pretrain_epochs)
     p.add_argument("--pretrained", default=None, help="state dict of pretrained weights")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -53,7 +83,7 @@ def _add_train(sub) -> None:
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
     p.add_argument("--resize", type=int, default=None, help="resize images (e.g. 32)")
     p.add_argument("--init-log-scale", type=float, default=d.init_log_scale)
-    p.add_argument("--network-kwargs", type=_json_dict, default={}, help="JSON object")
+    p.add_argument("--network-kwargs", type=_json_dict, default=None, help="JSON object")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     p.add_argument(
@@ -70,8 +100,18 @@ def _add_train(sub) -> None:
         help="also gate the input features of these Linear layers (e.g. classifier.1)",
     )
     p.add_argument(
+        "--checkpoint-every",
+        type=_non_negative_int,
+        default=None,
+        metavar="STEPS",
+        help=(
+            f"also checkpoint every STEPS training steps (default {d.checkpoint_every}; "
+            "0: after every epoch only)"
+        ),
+    )
+    p.add_argument(
         "--threads",
-        type=int,
+        type=_positive_int,
         default=None,
         help="torch threads (default: torch's); 1 is much faster when the machine is shared",
     )
@@ -84,34 +124,47 @@ def _run_train(args) -> int:
     from pyro_sbp.infer import TrainConfig, Trainer
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
-
-    config = TrainConfig(
-        model=args.model,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        epochs=args.epochs,
-        pretrain_epochs=args.pretrain_epochs,
-        pretrained=args.pretrained,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        gate_lr=args.gate_lr,
-        pretrain_lr=args.pretrain_lr,
-        beta1=args.beta1,
-        kl_warmup_epochs=args.kl_warmup_epochs,
-        seed=args.seed,
-        device=args.device,
-        val_fraction=args.val_fraction,
-        resize=args.resize,
-        init_log_scale=args.init_log_scale,
-        network_kwargs=args.network_kwargs,
-        prune_criterion=args.prune_criterion,
-        finetune_epochs=args.finetune_epochs,
-        input_gates=list(args.input_gates),
-    )
-    trainer = Trainer(config, args.out, resume=args.resume, progress=not args.no_progress)
+    if args.resume and args.model is None and args.network_kwargs is None:
+        # The run's own network and settings; only the epochs and the interval may change.
+        trainer = Trainer.from_run(
+            args.out,
+            progress=not args.no_progress,
+            epochs=args.epochs,
+            checkpoint_every=args.checkpoint_every,
+        )
+        config = trainer.config
+    else:
+        d = TrainConfig()
+        config = TrainConfig(
+            model=args.model or d.model,
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            epochs=d.epochs if args.epochs is None else args.epochs,
+            pretrain_epochs=args.pretrain_epochs,
+            pretrained=args.pretrained,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            gate_lr=args.gate_lr,
+            pretrain_lr=args.pretrain_lr,
+            beta1=args.beta1,
+            kl_warmup_epochs=args.kl_warmup_epochs,
+            seed=args.seed,
+            device=args.device,
+            val_fraction=args.val_fraction,
+            resize=args.resize,
+            init_log_scale=args.init_log_scale,
+            network_kwargs=args.network_kwargs or {},
+            prune_criterion=args.prune_criterion,
+            finetune_epochs=args.finetune_epochs,
+            input_gates=list(args.input_gates),
+            checkpoint_every=(
+                d.checkpoint_every if args.checkpoint_every is None else args.checkpoint_every
+            ),
+        )
+        if args.resume and args.epochs is None:
+            config.epochs = TrainConfig.from_dict(_stored_config(args.out)).epochs
+        trainer = Trainer(config, args.out, resume=args.resume, progress=not args.no_progress)
     history = trainer.fit()
     last = history[-1] if history else {}
     kept = last.get("units_kept")
@@ -125,6 +178,12 @@ def _run_train(args) -> int:
     print(summary)
     print(f"checkpoint and history in {args.out}")
     return 0
+
+
+def _stored_config(run_dir: str) -> dict:
+    from pyro_sbp.infer import load_checkpoint
+
+    return load_checkpoint(run_dir)["config"]
 
 
 def _add_prune(sub) -> None:
@@ -148,9 +207,15 @@ def _run_prune(args) -> int:
     import torch
 
     from pyro_sbp.infer import Trainer, evaluate
-    from pyro_sbp.infer.checkpoint import save_atomic, write_text_atomic
+    from pyro_sbp.infer.checkpoint import write_text_atomic
     from pyro_sbp.models import named_gates
-    from pyro_sbp.reduction import apply_masks, compute_masks, parse_criterion
+    from pyro_sbp.reduction import (
+        MASKS_NAME,
+        apply_masks,
+        compute_masks,
+        parse_criterion,
+        save_masks,
+    )
 
     parse_criterion(args.criterion)
     trainer = Trainer.from_run(args.run_dir)
@@ -167,11 +232,11 @@ def _run_prune(args) -> int:
     after = evaluate(trainer.net, loader, trainer.device)
     summary = result.to_dict() | {"val_accuracy_full": before, "val_accuracy_pruned": after}
     run = Path(args.run_dir)
-    save_atomic({site: m.to(torch.bool) for site, m in result.masks().items()}, run / "masks.pt")
+    save_masks(result, run / MASKS_NAME)
     write_text_atomic(json.dumps(summary, indent=1) + "\n", run / "pruning.json")
     print(result.summary())
     print(f"validation accuracy: full {before:.4f}, pruned {after:.4f}")
-    print(f"wrote {run / 'masks.pt'} and {run / 'pruning.json'}")
+    print(f"wrote {run / MASKS_NAME} and {run / 'pruning.json'}")
     return 0
 
 
@@ -190,18 +255,16 @@ def _add_export(sub) -> None:
 
 
 def _load_for_export(run_dir: str, criterion: str | None):
-    import torch
-
     from pyro_sbp.infer import Trainer
-    from pyro_sbp.reduction import apply_masks, compute_masks
+    from pyro_sbp.reduction import MASKS_NAME, apply_masks, compute_masks, load_masks
 
     trainer = Trainer.from_run(run_dir)
     trainer.guide.update_gates()
-    masks_path = Path(run_dir) / "masks.pt"
+    masks_path = Path(run_dir) / MASKS_NAME
     if criterion is not None:
         apply_masks(trainer.net, compute_masks(trainer.net, trainer.guide, criterion))
     elif masks_path.exists():
-        apply_masks(trainer.net, torch.load(masks_path))
+        apply_masks(trainer.net, load_masks(masks_path, trainer.net))
     else:
         raise FileNotFoundError(
             f"no masks.pt in {run_dir}: run `pyro-sbp prune {run_dir}` or pass --criterion"
@@ -247,7 +310,7 @@ def _run_bench(args) -> int:
     import torch
 
     from pyro_sbp.export import compare, format_table, load_torchscript
-    from pyro_sbp.infer.checkpoint import load_checkpoint, write_text_atomic
+    from pyro_sbp.infer.checkpoint import write_text_atomic
 
     run = Path(args.run_dir)
     for name in ("full.pt", "pruned.pt"):
@@ -257,6 +320,8 @@ def _run_bench(args) -> int:
     for d in devices:
         if d.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' was asked for but CUDA is not available here")
+    from pyro_sbp.infer import load_checkpoint
+
     shape = tuple(load_checkpoint(run)["input_shape"])
     full = load_torchscript(run / "full.pt")
     pruned = load_torchscript(run / "pruned.pt")
@@ -312,24 +377,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return its exit code (2 for bad input, as argparse does;
+    ``128 + signal`` for a run stopped by SIGINT or SIGTERM)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    commands = {
+        "train": _run_train,
+        "prune": _run_prune,
+        "export": _run_export,
+        "bench": _run_bench,
+        "report": _run_report,
+    }
+    from pyro_sbp.infer import TrainingInterrupted
+
     try:
-        if args.command == "train":
-            return _run_train(args)
-        if args.command == "prune":
-            return _run_prune(args)
-        if args.command == "export":
-            return _run_export(args)
-        if args.command == "bench":
-            return _run_bench(args)
-        if args.command == "report":
-            return _run_report(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        return commands[args.command](args)
+    except TrainingInterrupted as e:
+        print(f"pyro-sbp {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print(f"pyro-sbp {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as e:
+        # One line, no traceback: every message names the file or value at fault.
         print(f"pyro-sbp {args.command}: error: {e}", file=sys.stderr)
         return 2
-    parser.error(f"unknown command {args.command!r}")
-    return 2
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pyro_sbp.export import (
 from pyro_sbp.infer import Trainer, evaluate
 from pyro_sbp.infer.checkpoint import write_text_atomic
 from pyro_sbp.models import named_gates
-from pyro_sbp.reduction import apply_masks, compute_masks
+from pyro_sbp.reduction import MASKS_NAME, apply_masks, compute_masks, save_masks
 from pyro_sbp.reduction.criteria import _posteriors64
 
 #: Criteria shown as points in the accuracy-compression plot (no threshold to tune).
@@ -220,7 +220,7 @@ def make_report(
     result = compute_masks(trainer.net, trainer.guide, criterion)
     apply_masks(trainer.net, result)
     pruned_acc = evaluate(trainer.net, test_loader, trainer.device)
-    torch.save({s: m.to(torch.bool) for s, m in result.masks().items()}, run / "masks.pt")
+    save_masks(result, run / MASKS_NAME)
 
     shape = tuple(trainer.input_shape)
     full = export_full(trainer.net, shape)

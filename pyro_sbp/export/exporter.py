@@ -9,6 +9,7 @@ import torch
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 
+from pyro_sbp.infer.checkpoint import write_atomic
 from pyro_sbp.models.gate import SBPGate
 from pyro_sbp.models.nets import Normalize
 from pyro_sbp.models.prunable import commutes_with_max, is_input_gate, named_gates
@@ -533,22 +534,34 @@ def _quiet_jit():
 
 
 def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
-    """``torch.jit.load`` without torch's deprecation warning."""
+    """``torch.jit.load`` without torch's deprecation warning.
+
+    A TorchScript archive holds TorchScript code and tensors, not Python pickles of arbitrary
+    objects: loading one runs no Python code.
+
+    :raises FileNotFoundError: if there is no such file.
+    :raises ValueError: if the file is not a TorchScript archive (the message names it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no TorchScript file at {path}")
     ctx = _quiet_jit()
     try:
         return torch.jit.load(str(path), map_location="cpu")
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a TorchScript file, or is corrupt ({reason})") from None
     finally:
         ctx.__exit__(None, None, None)
 
 
 def save_torchscript(module: nn.Module, path: str | Path) -> None:
-    """Save as TorchScript (loads with ``torch.jit.load``, no pyro or pyro_sbp needed)."""
+    """Save as TorchScript (loads with ``torch.jit.load``, no pyro or pyro_sbp needed), through
+    a temporary file and a rename, so that a failed save leaves the previous file intact."""
     module = module.eval()
     ctx = _quiet_jit()
     try:
         scripted = torch.jit.script(module)
+        write_atomic(path, lambda f: torch.jit.save(scripted, f))
     finally:
         ctx.__exit__(None, None, None)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scripted.save(str(path))

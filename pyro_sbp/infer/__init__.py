@@ -1,20 +1,38 @@
 """Inference: SVI of gated networks with the analytic-KL ELBO, checkpoints and resumption."""
 
-from pyro_sbp.infer.checkpoint import load_checkpoint, save_atomic
+from pyro_sbp.infer.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_weights,
+    safe_load,
+    save_atomic,
+    save_checkpoint,
+)
+from pyro_sbp.infer.run_lock import RunDirectoryLocked, RunLock
 from pyro_sbp.infer.trainer import (
+    DEFAULT_CHECKPOINT_EVERY,
     NonFiniteLossError,
     TrainConfig,
     Trainer,
+    TrainingInterrupted,
     evaluate,
     units_kept_snr,
 )
 
 __all__ = [
+    "DEFAULT_CHECKPOINT_EVERY",
+    "CheckpointError",
     "NonFiniteLossError",
+    "RunDirectoryLocked",
+    "RunLock",
     "TrainConfig",
     "Trainer",
+    "TrainingInterrupted",
     "evaluate",
     "load_checkpoint",
+    "load_weights",
+    "safe_load",
     "save_atomic",
+    "save_checkpoint",
     "units_kept_snr",
 ]

@@ -1,9 +1,12 @@
 """Fitting a gated network: deterministic pretraining, then SVI with the analytic-KL ELBO."""
 
+import contextlib
 import dataclasses
+import itertools
 import json
 import math
-import pickle
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -24,9 +27,17 @@ from pyro_sbp.infer.checkpoint import (
     architecture,
     architecture_mismatch,
     load_checkpoint,
-    save_atomic,
+    load_weights,
+    save_checkpoint,
     write_text_atomic,
 )
+from pyro_sbp.infer.plain_state import (
+    get_plain_rng_state,
+    param_store_from_plain,
+    param_store_to_plain,
+    set_plain_rng_state,
+)
+from pyro_sbp.infer.run_lock import RunLock
 from pyro_sbp.models import (
     DEFAULT_HIGH,
     DEFAULT_LOW,
@@ -40,10 +51,52 @@ from pyro_sbp.models import (
 from pyro_sbp.models.prunable import in_gate
 
 HISTORY_NAME = "history.json"
+#: Default of :attr:`TrainConfig.checkpoint_every`: a checkpoint every this many steps, besides
+#: the one after every epoch (see ``benchmarks/checkpoint_cost.py`` for what it costs).
+DEFAULT_CHECKPOINT_EVERY = 200
 
 
 class NonFiniteLossError(FloatingPointError):
     """The ELBO became ``nan`` or ``inf``; the message names the step and the offending sites."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped at a step boundary on ``SIGINT`` or ``SIGTERM``, after writing a
+    checkpoint (when the run has a directory); the message says how to resume.
+
+    :ivar int signum: the signal's number (the CLI exits with ``128 + signum``).
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class _StopOnSignal:
+    """While active, the first SIGINT or SIGTERM only sets :attr:`signum` (the run stops at the
+    next step boundary); a second one interrupts at once. Installed only in the main thread."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 @dataclass
@@ -65,6 +118,10 @@ class TrainConfig:
     :ivar finetune_epochs: SVI epochs after the ``epochs``, with the masks frozen.
     :ivar input_gates: ``nn.Linear`` layers whose input features also get gates (see
         :func:`~pyro_sbp.models.make_prunable`), e.g. ``["classifier.1"]``.
+    :ivar checkpoint_every: also write a checkpoint every this many training steps (pretraining
+        and SVI), so that a kill loses at most that many; 0 writes one after every epoch only.
+        A run resumed from a checkpoint inside an epoch continues with the very batch it
+        stopped at, and ends as the uninterrupted run would have.
     """
 
     model: str = "digits-mlp"
@@ -89,6 +146,7 @@ class TrainConfig:
     prune_criterion: str | None = None
     finetune_epochs: int = 0
     input_gates: list[str] = field(default_factory=list)
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     network_kwargs: dict = field(default_factory=dict)
     dataset_kwargs: dict = field(default_factory=dict)
 
@@ -97,7 +155,8 @@ class TrainConfig:
             from pyro_sbp.reduction import parse_criterion
 
             parse_criterion(self.prune_criterion)
-        for key in ("epochs", "pretrain_epochs", "kl_warmup_epochs", "finetune_epochs"):
+        keys = ("epochs", "pretrain_epochs", "kl_warmup_epochs", "finetune_epochs")
+        for key in (*keys, "checkpoint_every"):
             if int(getattr(self, key)) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.batch_size < 1:
@@ -145,17 +204,49 @@ def units_kept_snr(guide: SBPGuide, threshold: float = 1.0) -> dict[str, int]:
     return out
 
 
+@dataclass
+class _EpochProgress:
+    """Where a run is inside an epoch: what a checkpoint between two steps must hold to resume
+    with the next batch (the shuffle is replayed from the epoch's first random state)."""
+
+    phase: str
+    epoch: int
+    sampler_rng: torch.Tensor
+    loader_rng: torch.Tensor
+    batches_done: int = 0
+    loss_sum: float = 0.0
+    count: float = 0.0
+    #: Seconds spent on the epoch before this process took it over.
+    seconds: float = 0.0
+
+    def __post_init__(self):
+        self._started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.seconds + time.perf_counter() - self._started
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"seconds": self.elapsed()}
+
+
 class Trainer:
-    """A resumable training run: pretraining, then SVI, with a checkpoint after every epoch.
+    """A resumable training run: pretraining, then SVI, with checkpoints after every epoch and
+    every :attr:`~TrainConfig.checkpoint_every` steps.
 
     ``Trainer(config, out_dir).fit()`` trains; a second ``Trainer`` on the same ``out_dir`` with
-    ``resume=True`` continues from the last checkpoint and ends in the same state as an
-    uninterrupted run (same seed, same batches, same noise).
+    ``resume=True`` continues from the last checkpoint (written at an epoch's end or between
+    two steps) and ends in the same state as an uninterrupted run (same seed, same batches,
+    same noise; bit for bit on the CPU). While :meth:`fit` runs, the run directory is locked
+    against a second writer, and ``SIGINT`` / ``SIGTERM`` stop it after the current step with
+    a checkpoint (:class:`TrainingInterrupted`).
+
+    Checkpoints hold plain values only and load without unpickling arbitrary objects (see
+    :mod:`pyro_sbp.infer.checkpoint`).
 
     :param TrainConfig config: the run's settings.
     :param out_dir: where ``checkpoint.pt`` and ``history.json`` are written (``None`` for none).
-    :param bool resume: continue from ``out_dir``'s checkpoint (its config wins; a checkpoint of
-        another architecture is refused).
+    :param bool resume: continue from ``out_dir``'s checkpoint (its config wins but for
+        ``epochs`` and ``checkpoint_every``; a checkpoint of another architecture is refused).
     :param bool progress: show tqdm progress bars (they hide themselves off a terminal).
     :param splits: data splits to use instead of loading ``config.dataset``.
     """
@@ -168,13 +259,14 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
         splits: DataSplits | None = None,
+        _checkpoint: dict | None = None,
     ):
         self.out_dir = None if out_dir is None else Path(out_dir)
         checkpoint = None
         if resume:
             if self.out_dir is None:
                 raise ValueError("resume=True needs the run directory")
-            checkpoint = load_checkpoint(self.out_dir / CHECKPOINT_NAME)
+            checkpoint = _checkpoint or load_checkpoint(self.out_dir / CHECKPOINT_NAME)
             stored = TrainConfig.from_dict(checkpoint["config"])
             if (stored.model, stored.network_kwargs) != (config.model, config.network_kwargs):
                 raise ValueError(
@@ -182,8 +274,10 @@ class Trainer:
                     f"{stored.model!r} {stored.network_kwargs or ''}, not {config.model!r} "
                     f"{config.network_kwargs or ''}"
                 )
-            # Everything but the number of epochs comes from the checkpoint.
+            # Everything but the number of epochs and the checkpoint interval (neither changes
+            # what a step computes) comes from the checkpoint.
             stored.epochs = config.epochs
+            stored.checkpoint_every = config.checkpoint_every
             config = stored
         # A copy: loading pretrained weights sets pretrain_epochs to 0 on it, not on the caller's.
         self.config = config = dataclasses.replace(config)
@@ -206,17 +300,34 @@ class Trainer:
         self.pretrain_done = 0
         self.svi_done = 0
         self.global_step = 0
+        self._progress: _EpochProgress | None = None
+        self._stop: _StopOnSignal | None = None
         if checkpoint is not None:
             self._restore(checkpoint)
         elif config.pretrained:
             self._load_pretrained(config.pretrained)
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, *, progress: bool = False) -> "Trainer":
-        """The trainer of a finished (or interrupted) run, restored from its checkpoint."""
+    def from_run(
+        cls,
+        run_dir: str | Path,
+        *,
+        progress: bool = False,
+        epochs: int | None = None,
+        checkpoint_every: int | None = None,
+    ) -> "Trainer":
+        """The trainer of a finished (or interrupted) run, restored from its checkpoint.
+
+        :param epochs: SVI epochs in all (default: the run's own).
+        :param checkpoint_every: steps between checkpoints from now on (default: the run's).
+        """
         ckpt = load_checkpoint(Path(run_dir) / CHECKPOINT_NAME)
         config = TrainConfig.from_dict(ckpt["config"])
-        return cls(config, run_dir, resume=True, progress=progress)
+        if epochs is not None:
+            config.epochs = epochs
+        if checkpoint_every is not None:
+            config.checkpoint_every = checkpoint_every
+        return cls(config, run_dir, resume=True, progress=progress, _checkpoint=ckpt)
 
     # --- construction --------------------------------------------------------------------
 
@@ -252,12 +363,8 @@ class Trainer:
         return {"lr": c.gate_lr if in_gate(name) else c.lr, "betas": (c.beta1, 0.999)}
 
     def _load_pretrained(self, path: str) -> None:
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except pickle.UnpicklingError:
-            # A pyro-sbp checkpoint (its RNG and optimiser states are not plain tensors).
-            state = load_checkpoint(path, map_location=self.device)
-        state = state.get("net_state", state)
+        # A plain state dict or a pyro-sbp checkpoint, both loaded safely (never unpickling).
+        state = load_weights(path, map_location=self.device)
         # Pretrained weights come from a plain network: gate buffers may be absent.
         own = {k: v for k, v in self.net.state_dict().items() if not in_gate(k)}
         theirs = {k: v for k, v in state.items() if not in_gate(k)}
@@ -273,24 +380,30 @@ class Trainer:
     # --- checkpoints ---------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
+        """The run's whole state, in plain values (what :meth:`save` writes)."""
         net_params = {n for n, _ in self.net.named_parameters()}
         store = pyro.get_param_store().get_state()
-        guide_store = {
-            "params": {k: v for k, v in store["params"].items() if k not in net_params},
-            "constraints": {k: v for k, v in store["constraints"].items() if k not in net_params},
-        }
+        guide_store = param_store_to_plain(
+            {
+                "params": {k: v for k, v in store["params"].items() if k not in net_params},
+                "constraints": {
+                    k: v for k, v in store["constraints"].items() if k not in net_params
+                },
+            }
+        )
         sampler = self.loaders["train"].sampler.sampler
         return {
             "config": asdict(self.config),
             "pretrain_done": self.pretrain_done,
             "svi_done": self.svi_done,
             "global_step": self.global_step,
+            "epoch_progress": None if self._progress is None else self._progress.to_dict(),
             "net_state": self.net.state_dict(),
             "architecture": architecture(self.net.state_dict()),
             "guide_params": guide_store,
             "optim_state": self.optim.get_state(),
             "pretrain_optim_state": self.pretrain_optim.state_dict(),
-            "rng_state": pyro.util.get_rng_state(),
+            "rng_state": get_plain_rng_state(),
             "sampler_rng": sampler.generator.get_state(),
             "loader_rng": self.loaders["train"].generator.get_state(),
             "history": self.history,
@@ -310,21 +423,26 @@ class Trainer:
         if ckpt.get("split", self.splits.split)["sizes"] != self.splits.split["sizes"]:
             raise ValueError("the checkpoint's data split differs from this data set's")
         self.net.load_state_dict(ckpt["net_state"])
-        pyro.get_param_store().set_state(ckpt["guide_params"])
+        guide_store = param_store_from_plain(ckpt["guide_params"])
+        guide_store["params"] = {k: v.to(self.device) for k, v in guide_store["params"].items()}
+        pyro.get_param_store().set_state(guide_store)
         self.optim.set_state(ckpt["optim_state"])
         self.pretrain_optim.load_state_dict(ckpt["pretrain_optim_state"])
-        pyro.util.set_rng_state(ckpt["rng_state"])
+        set_plain_rng_state(ckpt["rng_state"])
         self.loaders["train"].sampler.sampler.generator.set_state(ckpt["sampler_rng"])
         self.loaders["train"].generator.set_state(ckpt["loader_rng"])
         self.history = list(ckpt["history"])
         self.pretrain_done = ckpt["pretrain_done"]
         self.svi_done = ckpt["svi_done"]
         self.global_step = ckpt["global_step"]
+        progress = ckpt.get("epoch_progress")
+        self._progress = None if progress is None else _EpochProgress(**progress)
 
     def save(self) -> None:
+        """Write the checkpoint and the history (atomically; nothing without ``out_dir``)."""
         if self.out_dir is None:
             return
-        save_atomic(self.state(), self.out_dir / CHECKPOINT_NAME)
+        save_checkpoint(self.state(), self.out_dir / CHECKPOINT_NAME)
         write_text_atomic(json.dumps(self.history, indent=1) + "\n", self.out_dir / HISTORY_NAME)
 
     # --- training ------------------------------------------------------------------------
@@ -334,28 +452,51 @@ class Trainer:
         return 1.0 if w == 0 else min(1.0, (epoch + 1) / w)
 
     def fit(self) -> list[dict[str, Any]]:
-        """Run the remaining pretraining and SVI epochs; return the history."""
+        """Run the remaining pretraining and SVI epochs; return the history.
+
+        :raises RunDirectoryLocked: if another process is writing the run directory.
+        :raises TrainingInterrupted: on ``SIGINT`` or ``SIGTERM``, after the current step and
+            a checkpoint.
+        """
         c = self.config
         total = c.pretrain_epochs + c.epochs + c.finetune_epochs
         done = self.pretrain_done + self.svi_done
-        bar = tqdm(
-            total=total, initial=done, desc="epochs", disable=not self.progress or None, unit="ep"
-        )
-        try:
-            while self.pretrain_done < c.pretrain_epochs:
-                record = self._pretrain_epoch(self.pretrain_done)
-                self.pretrain_done += 1
-                self._end_epoch(record, bar)
-            while self.svi_done < c.epochs + c.finetune_epochs:
-                prune = c.prune_criterion is not None and self.svi_done < c.epochs
-                record = self._svi_epoch(self.svi_done, prune)
-                self.svi_done += 1
-                self._end_epoch(record, bar)
-        finally:
-            bar.close()
+        lock = RunLock(self.out_dir) if self.out_dir is not None else contextlib.nullcontext()
+        with lock, _StopOnSignal() as self._stop:
+            self._remove_partial_writes()
+            bar = tqdm(
+                total=total,
+                initial=done,
+                desc="epochs",
+                disable=not self.progress or None,
+                unit="ep",
+            )
+            try:
+                while self.pretrain_done < c.pretrain_epochs:
+                    record = self._pretrain_epoch(self.pretrain_done)
+                    self.pretrain_done += 1
+                    self._end_epoch(record, bar)
+                while self.svi_done < c.epochs + c.finetune_epochs:
+                    prune = c.prune_criterion is not None and self.svi_done < c.epochs
+                    record = self._svi_epoch(self.svi_done, prune)
+                    self.svi_done += 1
+                    self._end_epoch(record, bar)
+            finally:
+                bar.close()
+                self._stop = None
         return self.history
 
+    def _remove_partial_writes(self) -> None:
+        """Delete the temporary files of writes that a killed run left half done (this run
+        holds the directory's lock, so no live writer owns them)."""
+        if self.out_dir is None:
+            return
+        for name in (CHECKPOINT_NAME, HISTORY_NAME):
+            for tmp in self.out_dir.glob(f"{name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+
     def _end_epoch(self, record: dict, bar) -> None:
+        self._progress = None
         self.history.append(record)
         self.save()
         bar.update(1)
@@ -363,25 +504,80 @@ class Trainer:
         if "units_kept" in record:
             postfix["kept"] = "-".join(str(v) for v in record["units_kept"].values())
         bar.set_postfix(postfix)
+        self._stop_if_signalled()
 
     def _eval_loader(self):
         return self.loaders.get("val") or self.loaders["test"]
 
-    def _batches(self, desc: str):
+    def _start_epoch(self, phase: str, epoch: int) -> _EpochProgress:
+        """The epoch's progress: continued from a checkpoint written inside it, else new."""
+        p = self._progress
+        if p is not None and (p.phase, p.epoch) == (phase, epoch):
+            return p
+        loader = self.loaders["train"]
+        self._progress = _EpochProgress(
+            phase,
+            epoch,
+            sampler_rng=loader.sampler.sampler.generator.get_state(),
+            loader_rng=loader.generator.get_state(),
+        )
+        return self._progress
+
+    def _batches(self, desc: str, progress: _EpochProgress):
+        """The epoch's batches from the first one not done yet (the shuffle replayed from the
+        epoch's first random state, the batches done skipped)."""
+        loader = self.loaders["train"]
+        loader.sampler.sampler.generator.set_state(progress.sampler_rng)
+        loader.generator.set_state(progress.loader_rng)
+        batches = itertools.islice(iter(loader), progress.batches_done, None)
         return tqdm(
-            self.loaders["train"],
+            batches,
             desc=desc,
+            total=len(loader),
+            initial=progress.batches_done,
             leave=False,
             disable=not self.progress or None,
             unit="batch",
         )
 
+    def _after_step(self, progress: _EpochProgress, loss: float, count: float) -> None:
+        """Count the step; checkpoint when it is time or when a signal asked to stop."""
+        self.global_step += 1
+        progress.batches_done += 1
+        progress.loss_sum += loss
+        progress.count += count
+        every = self.config.checkpoint_every
+        due = bool(every) and self.global_step % every == 0
+        if due:
+            self.save()
+        self._stop_if_signalled(saved=due)
+
+    def _stop_if_signalled(self, saved: bool = True) -> None:
+        if self._stop is None or self._stop.signum is None:
+            return
+        if not saved:
+            self.save()
+        name = signal.Signals(self._stop.signum).name
+        where = f"after step {self.global_step}"
+        p = self._progress
+        if p is not None:
+            total = len(self.loaders["train"])
+            where += f" ({p.phase} epoch {p.epoch + 1}, batch {p.batches_done} of {total})"
+        if self.out_dir is None:
+            message = f"interrupted by {name} {where}; the run has no directory: nothing saved"
+        else:
+            message = (
+                f"interrupted by {name} {where}; checkpoint written to "
+                f"{self.out_dir / CHECKPOINT_NAME}. Resume with: pyro-sbp train --out "
+                f"{self.out_dir} --resume"
+            )
+        raise TrainingInterrupted(message, self._stop.signum)
+
     def _pretrain_epoch(self, epoch: int) -> dict:
         set_gates_enabled(self.net, False)
         self.net.train()
-        start = time.perf_counter()
-        total = count = 0.0
-        for x, y, _ in self._batches(f"pretrain {epoch + 1}"):
+        progress = self._start_epoch("pretrain", epoch)
+        for x, y, _ in self._batches(f"pretrain {epoch + 1}", progress):
             x, y = x.to(self.device), y.to(self.device)
             check_input(x, self.input_shape)
             loss = F.cross_entropy(self.net(x), y)
@@ -390,33 +586,30 @@ class Trainer:
                     f"non-finite cross-entropy in pretraining epoch {epoch + 1}, "
                     f"step {self.global_step}"
                 )
-            self.pretrain_optim.zero_grad()
             loss.backward()
             self.pretrain_optim.step()
-            self.global_step += 1
-            total += loss.item() * len(y)
-            count += len(y)
+            # Left in .grad, the last batch's gradient would be added to the first SVI step's.
+            self.pretrain_optim.zero_grad(set_to_none=True)
+            self._after_step(progress, loss.item() * len(y), len(y))
         acc = evaluate(self.net, self._eval_loader(), self.device)
         set_gates_enabled(self.net, True)
         return {
             "phase": "pretrain",
             "epoch": epoch + 1,
-            "loss": total / max(count, 1),
+            "loss": progress.loss_sum / max(progress.count, 1),
             "val_accuracy": acc,
-            "seconds": time.perf_counter() - start,
+            "seconds": progress.elapsed(),
         }
 
     def _svi_epoch(self, epoch: int, prune: bool = False) -> dict:
         set_gates_enabled(self.net, True)
         self.net.train()
-        start = time.perf_counter()
+        progress = self._start_epoch("svi", epoch)
         beta = self.kl_weight(epoch)
-        total = 0.0
-        for x, y, idx in self._batches(f"svi {epoch + 1}"):
+        for x, y, idx in self._batches(f"svi {epoch + 1}", progress):
             x, y, idx = x.to(self.device), y.to(self.device), idx.to(self.device)
             loss = self._step(epoch, x, y, idx, beta)
-            self.global_step += 1
-            total += loss
+            self._after_step(progress, loss, len(y))
         self.guide.update_gates()
         record = {}
         if prune:
@@ -436,12 +629,12 @@ class Trainer:
             "epoch": epoch + 1,
             # The negative ELBO of the whole data set (summed over the epoch's minibatches,
             # each an unbiased estimate of it, divided by their number).
-            "loss": total / max(len(self.loaders["train"]), 1),
+            "loss": progress.loss_sum / max(len(self.loaders["train"]), 1),
             "kl_weight": beta,
             "val_accuracy": acc,
             "units_kept": kept,
             "units_total": {site: g.num_units for site, g in named_gates(self.net)},
-            "seconds": time.perf_counter() - start,
+            "seconds": progress.elapsed(),
         }
 
     def _step(self, epoch, x, y, idx, beta) -> float:

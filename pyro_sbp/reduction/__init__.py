@@ -5,6 +5,7 @@ from pyro_sbp.reduction.criteria import (
     LayerPruning,
     PruningResult,
     apply_masks,
+    check_masks,
     compute_masks,
     parse_criterion,
 )
@@ -15,17 +16,22 @@ from pyro_sbp.reduction.delta_f import (
     register_delta_f,
     snr,
 )
+from pyro_sbp.reduction.masks_file import MASKS_NAME, load_masks, save_masks
 
 __all__ = [
     "CRITERIA_HELP",
+    "MASKS_NAME",
     "LayerPruning",
     "PruningResult",
     "apply_masks",
+    "check_masks",
     "compute_masks",
     "delta_f",
     "delta_f_monte_carlo",
     "expected_theta",
+    "load_masks",
     "parse_criterion",
     "register_delta_f",
+    "save_masks",
     "snr",
 ]

@@ -195,8 +195,23 @@ def _scores(name: str, arg: float | None, net, guide) -> tuple[str, dict[str, Te
     raise AssertionError(name)
 
 
+_PREFIX = re.compile(
+    r"bmrs-n-published|bmrs-n|(?:bmrs-u-low|bmrs-u):" + _NUMBER + r"|(?:snr|mean|l2):" + _NUMBER
+)
+
+
+def _unknown(criterion: str) -> ValueError:
+    c = criterion.strip().lower()
+    m = _PREFIX.match(c)
+    trailing = f" (unexpected {c[m.end() :]!r} after {c[: m.end()]!r})" if m else ""
+    return ValueError(f"unknown pruning criterion {criterion!r}{trailing}; valid: {CRITERIA_HELP}")
+
+
 def parse_criterion(criterion: str) -> tuple[str, float | None, str | None]:
-    """``(name, argument, match target)``; ValueError listing the valid criteria otherwise."""
+    """``(name, argument, match target)``; ValueError listing the valid criteria otherwise
+    (and, for a valid criterion followed by more text, what follows it)."""
+    if not isinstance(criterion, str):
+        raise ValueError(f"a pruning criterion is a string, got {criterion!r}")
     c = criterion.strip().lower()
     if c in ("bmrs-n", "bmrs-n-published"):
         return c, None, None
@@ -211,9 +226,12 @@ def parse_criterion(criterion: str) -> tuple[str, float | None, str | None]:
         target = m.group(2)
         if target.startswith("match:"):
             raise ValueError(f"match: cannot target another match: {criterion!r}")
-        parse_criterion(target)
+        try:
+            parse_criterion(target)
+        except ValueError as e:
+            raise ValueError(f"in {criterion!r}: {e}") from None
         return "match", None, m.group(1) + "|" + target
-    raise ValueError(f"unknown pruning criterion {criterion!r}; valid: {CRITERIA_HELP}")
+    raise _unknown(criterion)
 
 
 def compute_masks(net: nn.Module, guide, criterion: str) -> PruningResult:
@@ -261,19 +279,30 @@ def compute_masks(net: nn.Module, guide, criterion: str) -> PruningResult:
     return result
 
 
-@torch.no_grad()
-def apply_masks(net: nn.Module, masks: dict[str, Tensor] | PruningResult) -> None:
-    """Write keep-masks into the gates of ``net`` (removed units become exactly zero)."""
-    if isinstance(masks, PruningResult):
-        masks = masks.masks()
+def check_masks(net: nn.Module, masks: dict[str, Tensor]) -> None:
+    """Raise ValueError unless ``masks`` maps gate sites of ``net`` to keep-masks of their
+    shapes (a subset of the sites is fine)."""
     gates = dict(named_gates(net))
     unknown = set(masks) - set(gates)
     if unknown:
         raise ValueError(f"masks for unknown gate sites {sorted(unknown)}; gates: {list(gates)}")
     for site, keep in masks.items():
-        gate = gates[site]
-        if keep.shape != (gate.num_units,):
-            raise ValueError(
-                f"mask for {site!r} has shape {tuple(keep.shape)}, expected ({gate.num_units},)"
-            )
-        gate.mask.copy_(keep.to(gate.mask))
+        if not isinstance(keep, Tensor):
+            raise ValueError(f"mask for {site!r} is a {type(keep).__name__}, not a tensor")
+        n = gates[site].num_units
+        if keep.shape != (n,):
+            raise ValueError(f"mask for {site!r} has shape {tuple(keep.shape)}, expected ({n},)")
+
+
+@torch.no_grad()
+def apply_masks(net: nn.Module, masks: dict[str, Tensor] | PruningResult) -> None:
+    """Write keep-masks into the gates of ``net`` (removed units become exactly zero).
+
+    Every mask is checked (:func:`check_masks`) before any is written.
+    """
+    if isinstance(masks, PruningResult):
+        masks = masks.masks()
+    check_masks(net, masks)
+    gates = dict(named_gates(net))
+    for site, keep in masks.items():
+        gates[site].mask.copy_(keep.to(gates[site].mask))

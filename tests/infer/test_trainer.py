@@ -104,3 +104,11 @@ def test_input_gates_train_with_the_gate_learning_rate(tmp_path):
     assert trainer._optim_args("classifier.1.weight")["lr"] == config.lr
     loc = pyro.get_param_store()["classifier.1.input_gate.loc"]
     assert loc.shape == (64,) and not torch.equal(loc, torch.zeros(64))
+
+
+def test_pretraining_leaves_no_gradient_for_the_first_svi_step():
+    # A gradient left in .grad by the last pretraining batch would be added to the first SVI
+    # step's (and a run resumed after pretraining would then differ from an uninterrupted one).
+    trainer = Trainer(_config(epochs=0), None, progress=False)
+    trainer.fit()
+    assert all(p.grad is None for p in trainer.net.parameters())

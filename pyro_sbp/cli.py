@@ -22,24 +22,20 @@ def _json_dict(text: str) -> dict:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            wanted = "a positive integer" if low == 1 else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {value}")
+        return value
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return parse
 
 
 def _add_train(sub) -> None:
@@ -101,7 +97,7 @@ def _add_train(sub) -> None:
     )
     p.add_argument(
         "--checkpoint-every",
-        type=_non_negative_int,
+        type=_int_at_least(0),
         default=None,
         metavar="STEPS",
         help=(
@@ -111,7 +107,7 @@ def _add_train(sub) -> None:
     )
     p.add_argument(
         "--threads",
-        type=_positive_int,
+        type=_int_at_least(1),
         default=None,
         help="torch threads (default: torch's); 1 is much faster when the machine is shared",
     )
@@ -125,15 +121,17 @@ def _run_train(args) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.resume and args.model is None and args.network_kwargs is None:
-        # The run's own network and settings; only the epochs and the interval may change.
+    if args.resume:
+        # The run's own settings; only the epochs and the interval may change, and a network
+        # given explicitly must be the run's.
         trainer = Trainer.from_run(
             args.out,
             progress=not args.no_progress,
             epochs=args.epochs,
             checkpoint_every=args.checkpoint_every,
+            model=args.model,
+            network_kwargs=args.network_kwargs,
         )
-        config = trainer.config
     else:
         d = TrainConfig()
         config = TrainConfig(
@@ -162,9 +160,8 @@ def _run_train(args) -> int:
                 d.checkpoint_every if args.checkpoint_every is None else args.checkpoint_every
             ),
         )
-        if args.resume and args.epochs is None:
-            config.epochs = TrainConfig.from_dict(_stored_config(args.out)).epochs
-        trainer = Trainer(config, args.out, resume=args.resume, progress=not args.no_progress)
+        trainer = Trainer(config, args.out, progress=not args.no_progress)
+    config = trainer.config
     history = trainer.fit()
     last = history[-1] if history else {}
     kept = last.get("units_kept")
@@ -178,12 +175,6 @@ def _run_train(args) -> int:
     print(summary)
     print(f"checkpoint and history in {args.out}")
     return 0
-
-
-def _stored_config(run_dir: str) -> dict:
-    from pyro_sbp.infer import load_checkpoint
-
-    return load_checkpoint(run_dir)["config"]
 
 
 def _add_prune(sub) -> None:

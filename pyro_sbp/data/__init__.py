@@ -20,8 +20,9 @@ The data sets:
   ``/usr/share/datasets/fashion-mnist`` (``apt-get install dataset-fashion-mnist``).
 * ``mnist`` -- inputs ``(1, 28, 28)``, through :class:`torchvision.datasets.MNIST` with
   ``root=data_dir``.
-* ``cifar10`` -- inputs ``(3, 32, 32)``, through :class:`torchvision.datasets.CIFAR10` with
-  ``root=data_dir``.
+* ``cifar10`` -- inputs ``(3, 32, 32)``, from the torchvision root ``data_dir``
+  (``cifar-10-batches-py/``), md5-checked as torchvision does and unpickled with NumPy arrays
+  and plain values allowed only (the batches are Python pickles).
 * ``synthetic`` -- a seeded classification problem of flat vectors in which only the first
   ``informative`` features carry signal (see :func:`make_synthetic`).
 

@@ -9,6 +9,7 @@ description of where the data were read from. Splitting, resizing and statistics
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,8 +326,10 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool = 
     """
     CIFAR-10 (50000 train + 10000 test 32x32 colour images, 10 classes).
 
-    Read through :class:`torchvision.datasets.CIFAR10` from the root ``data_dir`` (which holds
-    ``cifar-10-batches-py/``). Only with ``download=True`` is anything downloaded.
+    Read from the root ``data_dir`` (which holds ``cifar-10-batches-py/``, the layout of
+    :class:`torchvision.datasets.CIFAR10`) with :func:`read_cifar_batch`, which unpickles NumPy
+    arrays and plain values only. Only with ``download=True`` is anything downloaded, by
+    torchvision.
 
     :param data_dir: The torchvision root.
     :type data_dir: str or os.PathLike or None
@@ -353,25 +356,92 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool = 
             f"(missing {', '.join(missing)})\nTo get them: {how}"
         )
     import torchvision.datasets
+    from torchvision.datasets import cifar
 
+    if missing:
+        # torchvision downloads and checks the archive's md5; the batches are read below.
+        try:
+            torchvision.datasets.CIFAR10(os.fspath(root), train=True, download=True)
+        except RuntimeError as e:
+            raise RuntimeError(f"torchvision could not download CIFAR10 into {root}: {e}") from e
+    for name, md5 in (*cifar.CIFAR10.train_list, *cifar.CIFAR10.test_list):
+        if not cifar.check_integrity(os.fspath(folder / name), md5):
+            raise ValueError(f"cifar10: {folder / name} is corrupt (its md5 is not {md5})")
+
+    def part(names: list[str]) -> tuple[Tensor, Tensor]:
+        images, labels = [], []
+        for name in names:
+            batch = read_cifar_batch(folder / name)
+            images.append(batch["data"])
+            labels.extend(batch["labels"])
+        x = np.concatenate(images).reshape(-1, 3, 32, 32)
+        return torch.from_numpy(x).to(torch.float32).div_(255.0), torch.as_tensor(
+            np.asarray(labels, dtype=np.int64)
+        )
+
+    x, y = part([f"data_batch_{i}" for i in range(1, 6)])
+    x_test, y_test = part(["test_batch"])
+    for split, labels in (("train", y), ("test", y_test)):
+        if labels.numel() and (labels.min() < 0 or labels.max() > 9):
+            raise ValueError(f"cifar10: {split} labels outside 0..9 in {folder}")
+    return RawData(x=x, y=y, x_test=x_test, y_test=y_test, num_classes=10, source=os.fspath(folder))
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and NumPy arrays, and nothing else: a pickle
+    that names any other callable (``os.system``, say) is refused before anything runs."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        # How protocol-2 pickles written by Python 3 spell a bytes object: str -> bytes.
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+
+
+def read_cifar_batch(path: str | os.PathLike) -> dict[str, Any]:
+    """
+    One batch file of CIFAR-10's Python version (``data_batch_1`` ... ``test_batch``), read
+    without running code: the files are Python pickles, and only NumPy arrays, lists, strings
+    and numbers are unpickled (torchvision's reader calls :func:`pickle.load`, which runs
+    whatever a doctored file names).
+
+    :return: ``{"data": (N, 3072) uint8 array, "labels": list of int, ...}``.
+    :raises ValueError: for a file that holds anything else, or no ``data`` / ``labels``; the
+        message names the file.
+    """
+    path = Path(path)
     try:
-        train = torchvision.datasets.CIFAR10(os.fspath(root), train=True, download=download)
-        test = torchvision.datasets.CIFAR10(os.fspath(root), train=False, download=download)
-    except RuntimeError as e:
-        raise RuntimeError(f"torchvision could not load CIFAR10 from {root}: {e}") from e
-
-    def to_tensor(images: np.ndarray) -> Tensor:  # (N, 32, 32, 3) uint8 -> (N, 3, 32, 32)
-        t = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-        return t.to(torch.float32).div_(255.0).contiguous()
-
-    return RawData(
-        x=to_tensor(train.data),
-        y=torch.as_tensor(np.asarray(train.targets, dtype=np.int64)),
-        x_test=to_tensor(test.data),
-        y_test=torch.as_tensor(np.asarray(test.targets, dtype=np.int64)),
-        num_classes=10,
-        source=os.fspath(folder),
-    )
+        with open(path, "rb") as f:
+            batch = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: not a CIFAR-10 batch ({e})") from None
+    if isinstance(batch, dict):
+        batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    data = batch.get("data") if isinstance(batch, dict) else None
+    labels = batch.get("labels") if isinstance(batch, dict) else None
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != 3072
+        or not isinstance(labels, list)
+        or len(labels) != len(data)
+    ):
+        raise ValueError(
+            f"{path}: not a CIFAR-10 batch (expected 'data', an (N, 3072) uint8 array, and "
+            "'labels', a list of N integers)"
+        )
+    return batch
 
 
 # ----------------------------------------------------------------------------------------------

@@ -315,18 +315,26 @@ class Trainer:
         progress: bool = False,
         epochs: int | None = None,
         checkpoint_every: int | None = None,
+        model: str | None = None,
+        network_kwargs: dict | None = None,
     ) -> "Trainer":
-        """The trainer of a finished (or interrupted) run, restored from its checkpoint.
+        """The trainer of a finished (or interrupted) run, restored from its checkpoint, with
+        the run's own settings.
 
         :param epochs: SVI epochs in all (default: the run's own).
         :param checkpoint_every: steps between checkpoints from now on (default: the run's).
+        :param model: if given, the run must be of this network (else ValueError).
+        :param network_kwargs: if given, the run's network must have these arguments.
         """
         ckpt = load_checkpoint(Path(run_dir) / CHECKPOINT_NAME)
         config = TrainConfig.from_dict(ckpt["config"])
-        if epochs is not None:
-            config.epochs = epochs
-        if checkpoint_every is not None:
-            config.checkpoint_every = checkpoint_every
+        changes = {
+            "epochs": epochs,
+            "checkpoint_every": checkpoint_every,
+            "model": model,
+            "network_kwargs": network_kwargs,
+        }
+        config = dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
         return cls(config, run_dir, resume=True, progress=progress, _checkpoint=ckpt)
 
     # --- construction --------------------------------------------------------------------

@@ -282,3 +282,51 @@ def test_cifar10_real_files() -> None:
     s = load_dataset("cifar10", root)
     assert (len(s.train), len(s.val), len(s.test)) == (40000, 10000, 10000)
     assert s.input_shape == (3, 32, 32)
+
+
+def test_cifar10_batches_are_read_without_running_code(
+    tmp_path: Path, write_fake_cifar10, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import pickle
+
+    import torchvision.datasets.cifar
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
+    write_fake_cifar10(tmp_path)
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    with open(path, "wb") as f:
+        pickle.dump({"data": Payload(), "labels": [1]}, f)
+    with pytest.raises(ValueError, match=r"refusing to unpickle posix\.system") as info:
+        load_dataset("cifar10", tmp_path)
+    assert str(path) in str(info.value)
+    assert not marker.exists()
+    with open(path, "wb") as f:
+        pickle.dump({"data": np.zeros((2, 10), dtype=np.uint8), "labels": [1, 2]}, f)
+    with pytest.raises(ValueError, match=r"data_batch_3: not a CIFAR-10 batch \(expected"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_cifar10_batches_of_another_md5_are_refused(tmp_path: Path, write_fake_cifar10) -> None:
+    write_fake_cifar10(tmp_path)
+    with pytest.raises(ValueError, match=r"data_batch_1 is corrupt \(its md5 is not"):
+        load_dataset("cifar10", tmp_path)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_read_cifar_batch_takes_bytes_keys(tmp_path: Path, protocol: int) -> None:
+    import pickle
+
+    from pyro_sbp.data._sources import read_cifar_batch
+
+    data = np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
+    with open(tmp_path / "b", "wb") as f:
+        pickle.dump({b"data": data, b"labels": [3, 4], b"batch_label": b"x"}, f, protocol)
+    batch = read_cifar_batch(tmp_path / "b")
+    assert np.array_equal(batch["data"], data) and batch["labels"] == [3, 4]

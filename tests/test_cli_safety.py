@@ -8,20 +8,9 @@ import pytest
 import torch
 
 from pyro_sbp.cli import main
+from tests.test_cli import TINY as TINY_TRAIN
 
-TINY = [
-    "--model",
-    "digits-mlp",
-    "--dataset",
-    "digits",
-    "--network-kwargs",
-    '{"hidden": [16, 8]}',
-    "--pretrain-epochs",
-    "1",
-    "--epochs",
-    "1",
-    "--no-progress",
-]
+TINY = [*TINY_TRAIN, "--epochs", "1"]
 
 
 class Payload:

@@ -107,7 +107,7 @@ def check_finite_inputs(splits: DataSplits) -> None:
             count = int(bad.sum())
             raise ValueError(
                 f"{splits.name}: non-finite input ({value}) in the {part} split at index {i}"
-                f"{origin}; {count} of its {len(x)} examples have one"
+                f"{origin}; {count} of its {len(x)} examples are not finite"
             )
 
 

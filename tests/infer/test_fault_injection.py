@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from pyro_sbp.infer import load_checkpoint
+from tests.infer.test_resume import _assert_same
 
 HARNESS = Path(__file__).with_name("killable_train.py")
 KILLED = -signal.SIGKILL
@@ -47,21 +47,6 @@ def _final_state(out: Path) -> dict:
         "sampler_rng": ckpt["sampler_rng"],
         "loader_rng": ckpt["loader_rng"],
     }
-
-
-def _assert_same(a, b, path="state"):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), (path, sorted(a), sorted(b))
-        for k in a:
-            _assert_same(a[k], b[k], f"{path}[{k!r}]")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, (path, a, b)
 
 
 def _checkpoint_readable(out: Path) -> int | None:

@@ -18,7 +18,7 @@ from pyro_sbp.infer import (
     TrainingInterrupted,
     load_checkpoint,
 )
-from tests.infer.test_resume import Crash, _assert_same, _run, _snapshot
+from tests.infer.test_resume import Crash, _assert_same, _crash_after_saves, _run, _snapshot
 
 
 def _config(**kwargs) -> TrainConfig:
@@ -33,19 +33,6 @@ def _config(**kwargs) -> TrainConfig:
         checkpoint_every=4,
     )
     return TrainConfig(**(base | kwargs))
-
-
-def _crash_at_save(monkeypatch, n: int) -> None:
-    real = Trainer.save
-    count = {"saves": 0}
-
-    def save(self):
-        real(self)
-        count["saves"] += 1
-        if count["saves"] == n:
-            raise Crash
-
-    monkeypatch.setattr(Trainer, "save", save)
 
 
 # 9 batches an epoch. Every 4 steps: checkpoints at steps 4 and 8 (pretraining), then the
@@ -66,7 +53,7 @@ def test_a_checkpoint_inside_an_epoch_resumes_with_the_next_batch(
 ):
     full = _run(_config(checkpoint_every=every), tmp_path / "a")
     with monkeypatch.context() as m:
-        _crash_at_save(m, saves)
+        _crash_after_saves(m, saves)
         with pytest.raises(Crash):
             _run(_config(checkpoint_every=every), tmp_path / "b")
     ckpt = load_checkpoint(tmp_path / "b")

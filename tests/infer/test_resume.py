@@ -47,7 +47,7 @@ def _record(r: dict) -> dict:
 
 def _assert_same(a, b, path="state"):
     if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
     elif isinstance(a, dict):
         assert isinstance(b, dict) and set(a) == set(b), (path, sorted(a), sorted(b))
         for k in a:

@@ -22,6 +22,18 @@ def _json_dict(text: str) -> dict:
     return value
 
 
+def _kl_weight(text: str) -> float | dict:
+    """A number, or a JSON object of numbers by gate site."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    value = _json_dict(text)
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value.values()):
+        raise argparse.ArgumentTypeError(f"expected numbers by gate site, got {text!r}")
+    return value
+
+
 def _int_at_least(low: int):
     """An argparse type: an integer >= ``low``."""
 
@@ -73,7 +85,22 @@ def _add_train(sub) -> None:
     p.add_argument("--gate-lr", type=float, default=d.gate_lr, help="learning rate of the gates")
     p.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr)
     p.add_argument("--beta1", type=float, default=d.beta1, help="Adam beta1 (SBP: 0.95)")
-    p.add_argument("--kl-warmup-epochs", type=int, default=d.kl_warmup_epochs)
+    p.add_argument(
+        "--kl-weight",
+        type=_kl_weight,
+        default=d.kl_weight,
+        metavar="BETA",
+        help=(
+            "weight of the gates' KL (1: the exact ELBO; larger removes more units), or a JSON "
+            "object by gate site, e.g. '{\"classifier.1.gate\": 10}'"
+        ),
+    )
+    p.add_argument(
+        "--kl-warmup-epochs",
+        type=int,
+        default=d.kl_warmup_epochs,
+        help="epochs over which the KL weight rises linearly from 0 to --kl-weight",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="cpu or cuda")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
@@ -146,6 +173,7 @@ def _run_train(args) -> int:
             gate_lr=args.gate_lr,
             pretrain_lr=args.pretrain_lr,
             beta1=args.beta1,
+            kl_weight=args.kl_weight,
             kl_warmup_epochs=args.kl_warmup_epochs,
             seed=args.seed,
             device=args.device,

@@ -122,3 +122,37 @@ def test_bad_arguments(tmp_path, capsys):
         main(["train", "--model", "resnet", "--out", str(tmp_path)])
     assert info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("arg", "stored"),
+    [("25", 25.0), ('{"classifier.3.gate": 7}', {"classifier.3.gate": 7})],
+)
+def test_train_takes_a_kl_weight(tmp_path, capsys, arg, stored):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--kl-weight", arg, "--out", str(out)]) == 0
+    ckpt = load_checkpoint(out)
+    assert ckpt["config"]["kl_weight"] == stored
+    weights = {"classifier.1.gate": 1.0, "classifier.3.gate": 7.0}
+    expected = 25.0 if stored == 25.0 else weights
+    assert json.loads((out / "history.json").read_text())[-1]["kl_weight"] == expected
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("[1]", "expected a JSON object"),
+        ('{"classifier.3.gate": "x"}', "expected numbers by gate site"),
+    ],
+)
+def test_bad_kl_weight_arguments(tmp_path, capsys, arg, message):
+    with pytest.raises(SystemExit) as info:
+        main(["train", *TINY, "--kl-weight", arg, "--out", str(tmp_path)])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_kl_weight_for_an_unknown_site_is_one_line(tmp_path, capsys):
+    args = ["train", *TINY, "--kl-weight", '{"nope.gate": 2}', "--out", str(tmp_path)]
+    assert main(args) == 2
+    assert "kl_weight for unknown gate sites ['nope.gate']" in capsys.readouterr().err

@@ -45,7 +45,8 @@ class SBPGuide(PyroModule):
 
     initialised at :math:`\mu = 0`, :math:`\log\sigma = -5` (SBP's values). It samples every gate
     site of the network in module order, inside the same data plate and with the same KL scale
-    as :class:`~pyro_sbp.models.SBPModel`, from the distribution whose KL to the prior is
+    as :class:`~pyro_sbp.models.SBPModel` (the gates' KL weights included), from the
+    distribution whose KL to the prior is
     registered in closed form, so :class:`~pyro.infer.TraceMeanField_ELBO` computes the KL term
     exactly. Weights are not latent: they are the network's own Pyro parameters.
 
@@ -125,11 +126,11 @@ class SBPGuide(PyroModule):
         self, x: Tensor, y: Tensor | None = None, idx: Tensor | None = None, kl_weight: float = 1.0
     ) -> dict[str, Tensor]:
         idx = data_indices(x, idx, self.num_data)
-        scale = kl_weight / self.num_data
         out = {}
         with _data_plate(self.num_data, idx):
-            for site in self.site_names:
-                with poutine.scale(scale=scale):
+            for site, gate in self._gates:
+                # The gate's KL weight, as the model scales its site (SBPModel's kl_weight).
+                with poutine.scale(scale=kl_weight * gate.kl_weight / self.num_data):
                     out[site] = pyro.sample(site, self.posterior(site).to_event(1))
         return out
 

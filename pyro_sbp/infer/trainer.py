@@ -111,7 +111,11 @@ class TrainConfig:
     :ivar lr: learning rate of the weights (Adam).
     :ivar gate_lr: learning rate of the gates' variational parameters.
     :ivar beta1: Adam's first-moment decay (SBP uses 0.95).
-    :ivar kl_warmup_epochs: epochs over which the KL weight rises linearly from 0 to 1.
+    :ivar kl_weight: the KL weight :math:`\beta` of the gates (see
+        :class:`~pyro_sbp.models.SBPModel`): one number, or ``{site: beta}`` (sites left out
+        get 1). 1 is the exact ELBO; larger values remove more units, at some accuracy.
+    :ivar kl_warmup_epochs: epochs over which the KL weight rises linearly from 0 to
+        ``kl_weight``.
     :ivar prune_criterion: prune during training (the BMRS recipe): after every SVI epoch the
         masks are recomputed with this criterion (see :mod:`pyro_sbp.reduction.criteria`);
         removed units are off in training and evaluation from then on.
@@ -134,6 +138,7 @@ class TrainConfig:
     gate_lr: float = 1e-2
     pretrain_lr: float = 1e-3
     beta1: float = 0.95
+    kl_weight: float | dict[str, float] = 1.0
     kl_warmup_epochs: int = 0
     seed: int = 0
     device: str = "cpu"
@@ -164,6 +169,10 @@ class TrainConfig:
         for key in ("lr", "gate_lr", "pretrain_lr"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        weights = self.kl_weight.values() if isinstance(self.kl_weight, dict) else [self.kl_weight]
+        for w in weights:
+            if isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w < math.inf:
+                raise ValueError(f"kl_weight must be a positive number, got {w!r}")
         if not 0 <= self.beta1 < 1:
             raise ValueError(f"beta1 must be in [0, 1), got {self.beta1}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -291,7 +300,7 @@ class Trainer:
         self.net = self._build_network().to(self.device)
         self.input_shape = tuple(self.splits.input_shape)
         num_data = self.splits.num_train
-        self.model = SBPModel(self.net, num_data, self.input_shape)
+        self.model = SBPModel(self.net, num_data, self.input_shape, kl_weight=config.kl_weight)
         self.guide = SBPGuide(self.net, num_data, init_log_scale=config.init_log_scale)
         self.optim = Adam(self._optim_args)
         self.elbo = TraceMeanField_ELBO()
@@ -456,8 +465,16 @@ class Trainer:
     # --- training ------------------------------------------------------------------------
 
     def kl_weight(self, epoch: int) -> float:
+        """The KL warm-up's factor in SVI epoch ``epoch`` (0-based): it multiplies every gate's
+        KL weight, rising linearly to 1 over ``kl_warmup_epochs``."""
         w = self.config.kl_warmup_epochs
         return 1.0 if w == 0 else min(1.0, (epoch + 1) / w)
+
+    def _effective_kl_weight(self, factor: float) -> float | dict[str, float]:
+        weights = self.model.kl_weights
+        if len(set(weights.values())) == 1:
+            return factor * next(iter(weights.values()))
+        return {site: factor * w for site, w in weights.items()}
 
     def fit(self) -> list[dict[str, Any]]:
         """Run the remaining pretraining and SVI epochs; return the history.
@@ -638,7 +655,7 @@ class Trainer:
             # The negative ELBO of the whole data set (summed over the epoch's minibatches,
             # each an unbiased estimate of it, divided by their number).
             "loss": progress.loss_sum / max(len(self.loaders["train"]), 1),
-            "kl_weight": beta,
+            "kl_weight": self._effective_kl_weight(beta),
             "val_accuracy": acc,
             "units_kept": kept,
             "units_total": {site: g.num_units for site, g in named_gates(self.net)},

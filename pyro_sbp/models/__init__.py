@@ -15,7 +15,7 @@ from pyro_sbp.models.prunable import (
     named_gates,
     set_gates_enabled,
 )
-from pyro_sbp.models.sbp_model import SBPModel, check_input
+from pyro_sbp.models.sbp_model import SBPModel, check_input, set_kl_weight
 
 __all__ = [
     "DEFAULT_HIGH",
@@ -33,4 +33,5 @@ __all__ = [
     "make_prunable",
     "named_gates",
     "set_gates_enabled",
+    "set_kl_weight",
 ]

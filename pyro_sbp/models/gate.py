@@ -25,9 +25,11 @@ class SBPGate(PyroModule):
 
     once *per example*: inside the model's data plate the site has shape
     ``(batch, num_units)``. Its log-density (and, with the matching guide, its KL) is scaled by
-    ``kl_scale``, which :class:`~pyro_sbp.models.SBPModel` sets to ``1 / N`` for a data set of
-    ``N`` examples. The plate's ``N / batch`` subsampling scale times ``1 / N`` times the
-    ``batch`` identical per-example KLs is exactly one KL per unit, while every example sees its
+    ``kl_scale``, which :class:`~pyro_sbp.models.SBPModel` sets to ``kl_weight / N`` for a data
+    set of ``N`` examples (``kl_weight``: the gate's KL weight :math:`\beta`, 1 for the ELBO,
+    which :class:`~pyro_sbp.guides.SBPGuide` reads too). The plate's ``N / batch`` subsampling
+    scale times ``1 / N`` times the ``batch`` identical per-example KLs is exactly one KL per
+    unit (times its weight), while every example sees its
     own draw of the noise. Since each draw is marginally from the posterior, the expected
     objective is the ELBO of the model with one global :math:`\theta` per unit; the per-example
     draws only lower the variance of its gradient (as in SBP's implementation, and as the local
@@ -58,6 +60,8 @@ class SBPGate(PyroModule):
         self.low = float(low)
         self.high = float(high)
         self.kl_scale = 1.0
+        # The KL weight beta of this gate's site (set by SBPModel; 1 is the exact ELBO).
+        self.kl_weight = 1.0
         self.enabled = True
         # Set by make_prunable: whether the gate acts after a BatchNorm (else before the bias).
         self.after_norm = False

@@ -1,3 +1,6 @@
+import math
+from collections.abc import Mapping
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -17,6 +20,32 @@ def check_input(x: Tensor, input_shape: tuple[int, ...] | None) -> None:
         )
 
 
+def set_kl_weight(net: nn.Module, kl_weight: float | Mapping[str, float]) -> dict[str, float]:
+    """Give every gate of ``net`` its KL weight: one number for all, or ``{site: weight}``
+    (sites left out keep 1). Returns the weights by site.
+
+    :raises ValueError: for a weight that is not a positive finite number, or a site that is not
+        a gate of ``net`` (the message lists them).
+    """
+    gates = dict(named_gates(net))
+    if isinstance(kl_weight, Mapping):
+        unknown = sorted(set(kl_weight) - set(gates))
+        if unknown:
+            raise ValueError(f"kl_weight for unknown gate sites {unknown}; gates: {list(gates)}")
+        weights = {site: kl_weight.get(site, 1.0) for site in gates}
+    else:
+        weights = dict.fromkeys(gates, kl_weight)
+    for site, w in weights.items():
+        if (
+            isinstance(w, bool)
+            or not isinstance(w, int | float)
+            or not (math.isfinite(w) and w > 0)
+        ):
+            raise ValueError(f"the KL weight of {site!r} must be a positive number, got {w!r}")
+        gates[site].kl_weight = float(w)
+    return {site: float(w) for site, w in weights.items()}
+
+
 class SBPModel:
     r"""The Pyro model of a gated classifier: a categorical likelihood on the network's logits.
 
@@ -29,21 +58,46 @@ class SBPModel:
     the training set of ``num_data`` examples: the likelihood sits in
     ``pyro.plate("data", num_data, subsample=idx)``, so the minibatch ELBO is an unbiased
     estimate of the full one. The gates sample inside the plate (noise per example) with their
-    KL scaled by ``kl_weight / num_data`` (see :class:`~pyro_sbp.models.SBPGate`): with
-    ``kl_weight = 1`` every unit's KL counts exactly once, and a KL warm-up ramps
-    ``kl_weight`` from 0 to 1. ``idx`` may be left out when the batch is the whole data set.
+    KL scaled by :math:`\beta / N` (see :class:`~pyro_sbp.models.SBPGate`), so that the loss is
+
+    .. math::
+
+        -\sum_{i=1}^N \mathbb E_q \log p(y_i \mid x_i, W, \theta)
+            + \sum_j \beta_j\, \mathrm{KL}\big(q(\theta_j) \,\|\, p(\theta_j)\big).
+
+    With :math:`\beta = 1` (the default) it is the negative ELBO, every unit's KL counting
+    exactly once. A :math:`\beta > 1` is the lever between size and accuracy: it is
+    :math:`\beta` times the negative ELBO of the likelihood tempered to the power
+    :math:`1/\beta` (a data set counted :math:`N / \beta` times), so a unit must explain
+    :math:`\beta` times as much of the data to be kept (``docs/math.md``, section 3). The
+    call's own ``kl_weight`` multiplies the weights (the trainer's KL warm-up ramps it from 0
+    to 1). ``idx`` may be left out when the batch is the whole data set.
 
     :param nn.Module net: a network made prunable with :func:`make_prunable`.
     :param int num_data: the size of the training set.
     :param input_shape: the shape of one input, checked on every call (optional).
+    :param kl_weight: :math:`\beta`, one for every gate or ``{site: beta}`` (sites left out
+        get 1); stored on the gates, where :class:`~pyro_sbp.guides.SBPGuide` reads it too.
     """
 
-    def __init__(self, net: nn.Module, num_data: int, input_shape: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        net: nn.Module,
+        num_data: int,
+        input_shape: tuple[int, ...] | None = None,
+        kl_weight: float | Mapping[str, float] = 1.0,
+    ):
         if num_data < 1:
             raise ValueError(f"num_data must be positive, got {num_data}")
         self.net = net
         self.num_data = int(num_data)
         self.input_shape = None if input_shape is None else tuple(input_shape)
+        set_kl_weight(net, kl_weight)
+
+    @property
+    def kl_weights(self) -> dict[str, float]:
+        """:math:`\beta` of every gate site."""
+        return {site: gate.kl_weight for site, gate in named_gates(self.net)}
 
     def __call__(
         self, x: Tensor, y: Tensor | None = None, idx: Tensor | None = None, kl_weight: float = 1.0
@@ -51,7 +105,7 @@ class SBPModel:
         check_input(x, self.input_shape)
         idx = data_indices(x, idx, self.num_data)
         for _, gate in named_gates(self.net):
-            gate.kl_scale = kl_weight / self.num_data
+            gate.kl_scale = kl_weight * gate.kl_weight / self.num_data
         with pyro.plate("data", self.num_data, subsample=idx):
             logits = self.net(x)
             pyro.sample("obs", dist.Categorical(logits=logits), obs=y)

@@ -173,3 +173,56 @@ def test_minibatch_without_indices_is_refused():
         guide(x[:4], y[:4])
     with pytest.raises(ValueError, match=r"idx must have shape \(4,\)"):
         model(x[:4], y[:4], torch.arange(3))
+
+
+# --- the KL weight --------------------------------------------------------------------------
+
+
+def _per_site_kl(net, guide):
+    return {
+        site: kl_divergence(guide.posterior(site), gate.prior()).sum().item()
+        for site, gate in named_gates(net)
+    }
+
+
+@pytest.mark.parametrize(
+    "weight", [3.0, 100.0, {"0.gate": 10.0}, {"0.gate": 2.0, "2.gate": 50.0}], ids=repr
+)
+def test_the_kl_weight_multiplies_each_sites_kl_only(weight):
+    net, _, guide, x, y = _setup()
+    kls = _per_site_kl(net, guide)
+    losses = {}
+    for key, w in (("one", 1.0), ("weighted", weight)):
+        model = SBPModel(net, N, (D,), kl_weight=w)
+        pyro.set_rng_seed(7)  # the same noise: the likelihood term is the same
+        losses[key] = TraceMeanField_ELBO(max_plate_nesting=1).loss(model, guide, x, y)
+    weights = weight if isinstance(weight, dict) else dict.fromkeys(kls, weight)
+    expected = sum((weights.get(site, 1.0) - 1.0) * kl for site, kl in kls.items())
+    assert losses["weighted"] - losses["one"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_call_weight_multiplies_the_sites_weights():
+    net, _, guide, x, y = _setup()
+    model = SBPModel(net, N, (D,), kl_weight={"2.gate": 4.0})
+    blocked = poutine.block(model, hide=["obs"])
+    loss = TraceMeanField_ELBO(max_plate_nesting=1).loss(blocked, guide, x, y, kl_weight=0.5)
+    kls = _per_site_kl(net, guide)
+    assert loss == pytest.approx(0.5 * kls["0.gate"] + 0.5 * 4.0 * kls["2.gate"], rel=1e-5)
+    assert model.kl_weights == {"0.gate": 1.0, "2.gate": 4.0}
+
+
+@pytest.mark.parametrize(
+    ("weight", "match"),
+    [
+        (0.0, "positive number, got 0.0"),
+        (-1.0, "positive number"),
+        (float("nan"), "positive number"),
+        (float("inf"), "positive number"),
+        ({"0.gate": True}, "positive number, got True"),
+        ({"9.gate": 2.0}, r"unknown gate sites \['9.gate'\]; gates: \['0.gate', '2.gate'\]"),
+    ],
+)
+def test_bad_kl_weights_are_refused(weight, match):
+    net, *_ = _setup()
+    with pytest.raises(ValueError, match=match):
+        SBPModel(net, N, (D,), kl_weight=weight)

@@ -112,3 +112,33 @@ def test_pretraining_leaves_no_gradient_for_the_first_svi_step():
     trainer = Trainer(_config(epochs=0), None, progress=False)
     trainer.fit()
     assert all(p.grad is None for p in trainer.net.parameters())
+
+
+@pytest.mark.parametrize("weight", [20.0, {"classifier.1.gate": 5.0}], ids=repr)
+def test_the_warm_up_ramps_to_the_kl_weight(weight):
+    history = Trainer(
+        _config(epochs=3, pretrain_epochs=0, kl_weight=weight, kl_warmup_epochs=2),
+        None,
+        progress=False,
+    ).fit()
+    got = [r["kl_weight"] for r in history]
+    if isinstance(weight, dict):
+        full = {"classifier.1.gate": 5.0, "classifier.3.gate": 1.0}
+        assert got == [{k: f * v for k, v in full.items()} for f in (0.5, 1.0, 1.0)]
+    else:
+        assert got == [10.0, 20.0, 20.0]
+
+
+@pytest.mark.parametrize("weight", [0, -2.0, float("nan"), {"a": 0.0}])
+def test_bad_kl_weight_in_the_config(weight):
+    with pytest.raises(ValueError, match="kl_weight must be a positive number"):
+        _config(kl_weight=weight)
+
+
+def test_a_larger_kl_weight_keeps_fewer_units():
+    kept = {}
+    for weight in (1.0, 1000.0):
+        pyro.set_rng_seed(0)
+        config = _config(epochs=10, pretrain_epochs=2, kl_weight=weight, gate_lr=0.1, batch_size=64)
+        kept[weight] = sum(Trainer(config, None, progress=False).fit()[-1]["units_kept"].values())
+    assert kept[1000.0] < kept[1.0], kept

@@ -219,7 +219,11 @@ def _add_prune(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run_dir", help="a run directory written by `pyro-sbp train`")
-    p.add_argument("--criterion", default="bmrs-n", help="pruning criterion (default bmrs-n)")
+    p.add_argument(
+        "--criterion",
+        default=None,
+        help="pruning criterion (default: the run's own from pruning during training, else bmrs-n)",
+    )
 
 
 def _run_prune(args) -> int:
@@ -232,12 +236,15 @@ def _run_prune(args) -> int:
         MASKS_NAME,
         apply_masks,
         compute_masks,
+        criterion_for_run,
         parse_criterion,
         save_masks,
     )
 
-    parse_criterion(args.criterion)
+    if args.criterion is not None:
+        parse_criterion(args.criterion)
     trainer = Trainer.from_run(args.run_dir)
+    criterion = criterion_for_run(args.criterion, trainer.config.prune_criterion)
     trainer.guide.update_gates()
     loader = trainer._eval_loader()
     # The full network has every unit (masks from pruning during training are the criterion's
@@ -246,10 +253,14 @@ def _run_prune(args) -> int:
     apply_masks(trainer.net, {site: torch.ones_like(m) for site, m in trained.items()})
     before = evaluate(trainer.net, loader, trainer.device)
     apply_masks(trainer.net, trained)
-    result = compute_masks(trainer.net, trainer.guide, args.criterion)
+    result = compute_masks(trainer.net, trainer.guide, criterion)
     apply_masks(trainer.net, result)
     after = evaluate(trainer.net, loader, trainer.device)
-    summary = result.to_dict() | {"val_accuracy_full": before, "val_accuracy_pruned": after}
+    summary = result.to_dict() | {
+        "training_criterion": trainer.config.prune_criterion,
+        "val_accuracy_full": before,
+        "val_accuracy_pruned": after,
+    }
     run = Path(args.run_dir)
     save_masks(result, run / MASKS_NAME)
     write_text_atomic(json.dumps(summary, indent=1) + "\n", run / "pruning.json")
@@ -363,7 +374,11 @@ def _add_report(sub) -> None:
         ),
     )
     p.add_argument("run_dir")
-    p.add_argument("--criterion", default="bmrs-n")
+    p.add_argument(
+        "--criterion",
+        default=None,
+        help="pruning criterion (default: the run's own from pruning during training, else bmrs-n)",
+    )
     p.add_argument("--no-bench", action="store_true", help="skip the latency measurement")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
 
@@ -372,7 +387,8 @@ def _run_report(args) -> int:
     from pyro_sbp.diagnostics import format_summary, make_report
     from pyro_sbp.reduction import parse_criterion
 
-    parse_criterion(args.criterion)
+    if args.criterion is not None:
+        parse_criterion(args.criterion)
     report = make_report(
         args.run_dir, args.criterion, bench=not args.no_bench, min_run_time=args.min_run_time
     )

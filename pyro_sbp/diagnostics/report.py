@@ -17,7 +17,13 @@ from pyro_sbp.export import (
 from pyro_sbp.infer import Trainer, evaluate
 from pyro_sbp.infer.checkpoint import write_text_atomic
 from pyro_sbp.models import named_gates
-from pyro_sbp.reduction import MASKS_NAME, apply_masks, compute_masks, save_masks
+from pyro_sbp.reduction import (
+    MASKS_NAME,
+    apply_masks,
+    compute_masks,
+    criterion_for_run,
+    save_masks,
+)
 from pyro_sbp.reduction.criteria import _posteriors64
 
 #: Criteria shown as points in the accuracy-compression plot (no threshold to tune).
@@ -190,7 +196,7 @@ def _plot_tradeoff(curves: dict, path: Path):
 
 def make_report(
     run_dir: str | Path,
-    criterion: str = "bmrs-n",
+    criterion: str | None = None,
     *,
     bench: bool = True,
     batch_sizes=(1, 256),
@@ -203,9 +209,15 @@ def make_report(
     on the test split, units per layer before and after, parameters, FLOPs, CPU latency and
     speed-up, ``input_shape``), ``posterior.nc`` (ArviZ), ``full.pt`` and ``pruned.pt``
     (TorchScript), ``masks.pt``, and PNG plots in ``plots/``.
+
+    The masks are ``criterion``'s (by default the run's own, see
+    :func:`~pyro_sbp.reduction.criterion_for_run`), on top
+    of those the run pruned during training, if it did: ``report.json`` names both
+    (``criterion``, ``training_criterion``).
     """
     run = Path(run_dir)
     trainer = Trainer.from_run(run)
+    criterion = criterion_for_run(criterion, trainer.config.prune_criterion)
     trainer.net.cpu()
     trainer.device = torch.device("cpu")
     trainer.guide.update_gates()
@@ -246,6 +258,7 @@ def make_report(
         "dataset": c.dataset,
         "network": c.model,
         "criterion": criterion,
+        "training_criterion": c.prune_criterion,
         "input_shape": list(shape),
         "accuracy_full": full_acc,
         "accuracy_pruned": pruned_acc,
@@ -274,7 +287,12 @@ def make_report(
 
 def format_summary(report: dict) -> str:
     lines = [
-        f"{report['network']} on {report['dataset']}, pruned with {report['criterion']}",
+        f"{report['network']} on {report['dataset']}, pruned with {report['criterion']}"
+        + (
+            f" (on the masks of pruning during training with {report['training_criterion']})"
+            if report.get("training_criterion")
+            else ""
+        ),
         f"{'layer':<22} {'before':>7} {'after':>7}",
     ]
     for site, u in report["units"].items():

@@ -39,6 +39,8 @@ from pyro_sbp.distributions import TruncatedLogNormal, TruncatedLogUniform
 from pyro_sbp.models import gated_layer_name, is_input_gate, named_gates
 from pyro_sbp.reduction.delta_f import delta_f, snr
 
+#: The criterion used when none is named (and a run did not prune during training).
+DEFAULT_CRITERION = "bmrs-n"
 #: The reduced prior's scale for BMRS_N (on log theta).
 BMRS_N_SCALE = 1e-6
 #: log 2^-23: the float32 mantissa, the published lower end of BMRS_U's reduced prior.
@@ -205,6 +207,14 @@ def _unknown(criterion: str) -> ValueError:
     m = _PREFIX.match(c)
     trailing = f" (unexpected {c[m.end() :]!r} after {c[: m.end()]!r})" if m else ""
     return ValueError(f"unknown pruning criterion {criterion!r}{trailing}; valid: {CRITERIA_HELP}")
+
+
+def criterion_for_run(criterion: str | None, training_criterion: str | None) -> str:
+    """``criterion`` if one is named; else the one a run pruned with during training (its masks
+    are the starting point anyway); else :data:`DEFAULT_CRITERION`."""
+    if criterion is not None:
+        return criterion
+    return training_criterion or DEFAULT_CRITERION
 
 
 def parse_criterion(criterion: str) -> tuple[str, float | None, str | None]:

@@ -115,3 +115,46 @@ def test_report_writes_everything(run):
     for name in ("bmrs-n", "bmrs-u:8", "bmrs-u:4", "bmrs-u-low:4"):
         fraction, accuracy = report["accuracy_vs_compression_val"][name][0]
         assert f"{name} {100 * fraction:.0f}%, {100 * accuracy:.2f}%" in bmrs_line
+
+
+@pytest.fixture(scope="module")
+def pruned_in_training(tmp_path_factory):
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    out = tmp_path_factory.mktemp("pruned")
+    config = TrainConfig(
+        epochs=2,
+        pretrain_epochs=1,
+        batch_size=64,
+        gate_lr=0.1,
+        network_kwargs={"hidden": [16, 8]},
+        prune_criterion="snr:0.5",
+    )
+    Trainer(config, out, progress=False).fit()
+    return out
+
+
+def test_a_report_names_the_criterion_that_made_its_masks(pruned_in_training, capsys):
+    from pyro_sbp.cli import main
+
+    run = pruned_in_training
+    pyro.clear_param_store()
+    # By default the run's own criterion, the one its masks came from.
+    report = make_report(run, bench=False, num_draws=20)
+    assert (report["criterion"], report["training_criterion"]) == ("snr:0.5", "snr:0.5")
+    first = format_summary(report).splitlines()[0]
+    assert first.endswith(
+        "pruned with snr:0.5 (on the masks of pruning during training with snr:0.5)"
+    ), first
+    # Another criterion is applied on top of the training's masks, and the summary says so.
+    pyro.clear_param_store()
+    report = make_report(run, "bmrs-n", bench=False, num_draws=20)
+    assert (report["criterion"], report["training_criterion"]) == ("bmrs-n", "snr:0.5")
+    assert "pruned with bmrs-n (on the masks of pruning during training with snr:0.5)" in (
+        format_summary(report)
+    )
+    pyro.clear_param_store()
+    assert main(["prune", str(run)]) == 0
+    pruning = json.loads((run / "pruning.json").read_text())
+    assert (pruning["criterion"], pruning["training_criterion"]) == ("snr:0.5", "snr:0.5")
+    assert "snr:0.5" in capsys.readouterr().out

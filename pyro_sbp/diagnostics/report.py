@@ -285,14 +285,18 @@ def make_report(
     return report
 
 
+def _training_note(training: str | None, criterion: str) -> str:
+    if not training:
+        return ""
+    if training == criterion:
+        return " (during training)"
+    return f" (on the masks of pruning during training with {training})"
+
+
 def format_summary(report: dict) -> str:
     lines = [
         f"{report['network']} on {report['dataset']}, pruned with {report['criterion']}"
-        + (
-            f" (on the masks of pruning during training with {report['training_criterion']})"
-            if report.get("training_criterion")
-            else ""
-        ),
+        + _training_note(report.get("training_criterion"), report["criterion"]),
         f"{'layer':<22} {'before':>7} {'after':>7}",
     ]
     for site, u in report["units"].items():

@@ -114,7 +114,26 @@ def _add_train(sub) -> None:
         default=None,
         help="prune during training: recompute masks after every SVI epoch (e.g. bmrs-n)",
     )
+    p.add_argument(
+        "--prune-masks",
+        choices=["cumulative", "fresh"],
+        default=d.prune_masks,
+        help="pruning during training: a removed unit stays removed, or every epoch's masks "
+        "are computed from scratch",
+    )
     p.add_argument("--finetune-epochs", type=int, default=0, help="SVI epochs with frozen masks")
+    p.add_argument(
+        "--noise",
+        choices=["example", "batch"],
+        default=d.noise,
+        help="one draw of the gates per example (SBP) or per minibatch (BMRS)",
+    )
+    p.add_argument(
+        "--lr-schedule",
+        choices=["constant", "linear", "cosine"],
+        default=d.lr_schedule,
+        help="SVI learning rates over the SVI epochs (linear: SBP's decay to 0)",
+    )
     p.add_argument(
         "--input-gates",
         nargs="+",
@@ -182,7 +201,10 @@ def _run_train(args) -> int:
             init_log_scale=args.init_log_scale,
             network_kwargs=args.network_kwargs or {},
             prune_criterion=args.prune_criterion,
+            prune_masks=args.prune_masks,
             finetune_epochs=args.finetune_epochs,
+            noise=args.noise,
+            lr_schedule=args.lr_schedule,
             input_gates=list(args.input_gates),
             checkpoint_every=(
                 d.checkpoint_every if args.checkpoint_every is None else args.checkpoint_every

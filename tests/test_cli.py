@@ -156,3 +156,21 @@ def test_a_kl_weight_for_an_unknown_site_is_one_line(tmp_path, capsys):
     args = ["train", *TINY, "--kl-weight", '{"nope.gate": 2}', "--out", str(tmp_path)]
     assert main(args) == 2
     assert "kl_weight for unknown gate sites ['nope.gate']" in capsys.readouterr().err
+
+
+def test_train_takes_the_recipe_options(tmp_path):
+    out = tmp_path / "run"
+    options = ["--noise", "batch", "--lr-schedule", "cosine", "--prune-masks", "fresh"]
+    args = ["train", *TINY, "--epochs", "2", "--prune-criterion", "snr:1", *options]
+    assert main([*args, "--out", str(out)]) == 0
+    config = load_checkpoint(out)["config"]
+    assert (config["noise"], config["lr_schedule"], config["prune_masks"]) == (
+        "batch",
+        "cosine",
+        "fresh",
+    )
+    assert [r.get("lr_factor") for r in json.loads((out / "history.json").read_text())] == [
+        None,
+        1.0,
+        0.5,
+    ]

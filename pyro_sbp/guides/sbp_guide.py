@@ -127,11 +127,16 @@ class SBPGuide(PyroModule):
     ) -> dict[str, Tensor]:
         idx = data_indices(x, idx, self.num_data)
         out = {}
+        # The gate's KL weight and noise mode, as the model has its site (SBPModel's).
+        for site, gate in self._gates:
+            if gate.noise == "batch":
+                with poutine.scale(scale=kl_weight * gate.kl_weight):
+                    out[site] = pyro.sample(site, self.posterior(site).to_event(1))
         with _data_plate(self.num_data, idx):
             for site, gate in self._gates:
-                # The gate's KL weight, as the model scales its site (SBPModel's kl_weight).
-                with poutine.scale(scale=kl_weight * gate.kl_weight / self.num_data):
-                    out[site] = pyro.sample(site, self.posterior(site).to_event(1))
+                if gate.noise != "batch":
+                    with poutine.scale(scale=kl_weight * gate.kl_weight / self.num_data):
+                        out[site] = pyro.sample(site, self.posterior(site).to_event(1))
         return out
 
     @torch.no_grad()

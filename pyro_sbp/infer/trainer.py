@@ -49,8 +49,13 @@ from pyro_sbp.models import (
     set_gates_enabled,
 )
 from pyro_sbp.models.prunable import in_gate
+from pyro_sbp.models.sbp_model import NOISE_MODES
 
 HISTORY_NAME = "history.json"
+#: :attr:`TrainConfig.lr_schedule` values.
+LR_SCHEDULES = ("constant", "linear", "cosine")
+#: :attr:`TrainConfig.prune_masks` values.
+PRUNE_MASKS = ("cumulative", "fresh")
 #: Default of :attr:`TrainConfig.checkpoint_every`: a checkpoint every this many steps, besides
 #: the one after every epoch (see ``benchmarks/checkpoint_cost.py`` for what it costs).
 DEFAULT_CHECKPOINT_EVERY = 200
@@ -119,6 +124,13 @@ class TrainConfig:
     :ivar prune_criterion: prune during training (the BMRS recipe): after every SVI epoch the
         masks are recomputed with this criterion (see :mod:`pyro_sbp.reduction.criteria`);
         removed units are off in training and evaluation from then on.
+    :ivar prune_masks: ``"cumulative"`` (a unit removed stays removed) or ``"fresh"`` (every
+        epoch's masks are computed from scratch, so a unit can come back, as BMRS's code does).
+    :ivar noise: ``"example"`` (a draw of the gates per example, SBP's) or ``"batch"`` (one
+        per minibatch, BMRS's); see :class:`~pyro_sbp.models.SBPModel`.
+    :ivar lr_schedule: the SVI learning rates over the ``epochs + finetune_epochs`` SVI epochs:
+        ``"constant"``, ``"linear"`` (SBP's decay: epoch ``e`` of ``T`` at ``1 - e / T`` of the
+        rate) or ``"cosine"`` (``(1 + cos(pi e / T)) / 2``).
     :ivar finetune_epochs: SVI epochs after the ``epochs``, with the masks frozen.
     :ivar input_gates: ``nn.Linear`` layers whose input features also get gates (see
         :func:`~pyro_sbp.models.make_prunable`), e.g. ``["classifier.1"]``.
@@ -149,6 +161,9 @@ class TrainConfig:
     init_log_scale: float = -5.0
     pretrained: str | None = None
     prune_criterion: str | None = None
+    prune_masks: str = "cumulative"
+    noise: str = "example"
+    lr_schedule: str = "constant"
     finetune_epochs: int = 0
     input_gates: list[str] = field(default_factory=list)
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
@@ -173,6 +188,13 @@ class TrainConfig:
         for w in weights:
             if isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w < math.inf:
                 raise ValueError(f"kl_weight must be a positive number, got {w!r}")
+        for key, allowed in (
+            ("prune_masks", PRUNE_MASKS),
+            ("noise", NOISE_MODES),
+            ("lr_schedule", LR_SCHEDULES),
+        ):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if not 0 <= self.beta1 < 1:
             raise ValueError(f"beta1 must be in [0, 1), got {self.beta1}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -300,7 +322,9 @@ class Trainer:
         self.net = self._build_network().to(self.device)
         self.input_shape = tuple(self.splits.input_shape)
         num_data = self.splits.num_train
-        self.model = SBPModel(self.net, num_data, self.input_shape, kl_weight=config.kl_weight)
+        self.model = SBPModel(
+            self.net, num_data, self.input_shape, kl_weight=config.kl_weight, noise=config.noise
+        )
         self.guide = SBPGuide(self.net, num_data, init_log_scale=config.init_log_scale)
         self.optim = Adam(self._optim_args)
         self.elbo = TraceMeanField_ELBO()
@@ -311,6 +335,8 @@ class Trainer:
         self.global_step = 0
         self._progress: _EpochProgress | None = None
         self._stop: _StopOnSignal | None = None
+        self._lr_factor = 1.0
+        self._restored_optim: dict[str, dict] = {}
         if checkpoint is not None:
             self._restore(checkpoint)
         elif config.pretrained:
@@ -377,7 +403,40 @@ class Trainer:
 
     def _optim_args(self, name: str) -> dict:
         c = self.config
-        return {"lr": c.gate_lr if in_gate(name) else c.lr, "betas": (c.beta1, 0.999)}
+        lr = (c.gate_lr if in_gate(name) else c.lr) * self._lr_factor
+        return {"lr": lr, "betas": (c.beta1, 0.999)}
+
+    def lr_factor(self, epoch: int) -> float:
+        """The learning-rate schedule's factor in SVI epoch ``epoch`` (0-based)."""
+        total = max(self.config.epochs + self.config.finetune_epochs, 1)
+        if self.config.lr_schedule == "linear":
+            return 1.0 - epoch / total
+        if self.config.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * epoch / total))
+        return 1.0
+
+    def _set_lr_factor(self, factor: float) -> None:
+        # Pyro keeps one torch optimiser per parameter, created at the parameter's first step
+        # (with _optim_args, which reads the factor) and then given the state restored from a
+        # checkpoint, if any: the existing optimisers and those pending states get the rates.
+        self._lr_factor = factor
+        c = self.config
+        store = pyro.get_param_store()
+
+        def set_rates(name: str, groups: list[dict]) -> None:
+            for group in groups:
+                group["lr"] = (c.gate_lr if in_gate(name) else c.lr) * factor
+
+        created = set()
+        for param, optimizer in self.optim.optim_objs.items():
+            name = store.param_name(param)
+            created.add(name)
+            set_rates(name, optimizer.param_groups)
+        pending = {k: v for k, v in self._restored_optim.items() if k not in created}
+        for name, state in pending.items():
+            set_rates(name, state["param_groups"])
+        if pending:
+            self.optim.set_state(pending)
 
     def _load_pretrained(self, path: str) -> None:
         # A plain state dict or a pyro-sbp checkpoint, both loaded safely (never unpickling).
@@ -444,6 +503,7 @@ class Trainer:
         guide_store["params"] = {k: v.to(self.device) for k, v in guide_store["params"].items()}
         pyro.get_param_store().set_state(guide_store)
         self.optim.set_state(ckpt["optim_state"])
+        self._restored_optim = ckpt["optim_state"]
         self.pretrain_optim.load_state_dict(ckpt["pretrain_optim_state"])
         set_plain_rng_state(ckpt["rng_state"])
         self.loaders["train"].sampler.sampler.generator.set_state(ckpt["sampler_rng"])
@@ -631,6 +691,7 @@ class Trainer:
         self.net.train()
         progress = self._start_epoch("svi", epoch)
         beta = self.kl_weight(epoch)
+        self._set_lr_factor(self.lr_factor(epoch))
         for x, y, idx in self._batches(f"svi {epoch + 1}", progress):
             x, y, idx = x.to(self.device), y.to(self.device), idx.to(self.device)
             loss = self._step(epoch, x, y, idx, beta)
@@ -640,6 +701,10 @@ class Trainer:
         if prune:
             from pyro_sbp.reduction import apply_masks, compute_masks
 
+            if self.config.prune_masks == "fresh":
+                apply_masks(
+                    self.net, {s: torch.ones_like(g.mask) for s, g in named_gates(self.net)}
+                )
             result = compute_masks(self.net, self.guide, self.config.prune_criterion)
             apply_masks(self.net, result)
             record["criterion"] = self.config.prune_criterion
@@ -656,6 +721,7 @@ class Trainer:
             # each an unbiased estimate of it, divided by their number).
             "loss": progress.loss_sum / max(len(self.loaders["train"]), 1),
             "kl_weight": self._effective_kl_weight(beta),
+            "lr_factor": self._lr_factor,
             "val_accuracy": acc,
             "units_kept": kept,
             "units_total": {site: g.num_units for site, g in named_gates(self.net)},

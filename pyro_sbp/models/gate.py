@@ -62,6 +62,10 @@ class SBPGate(PyroModule):
         self.kl_scale = 1.0
         # The KL weight beta of this gate's site (set by SBPModel; 1 is the exact ELBO).
         self.kl_weight = 1.0
+        # "example": theta drawn per example, inside the data plate; "batch": one draw per
+        # minibatch, taken by SBPModel before the plate and held here for the forward pass.
+        self.noise = "example"
+        self._theta: Tensor | None = None
         self.enabled = True
         # Set by make_prunable: whether the gate acts after a BatchNorm (else before the bias).
         self.after_norm = False
@@ -91,7 +95,12 @@ class SBPGate(PyroModule):
         if not self.enabled:
             theta = self.mask
         else:
-            theta = self.sample_theta() if self.training else self.theta_mean
+            if not self.training:
+                theta = self.theta_mean
+            elif self._theta is not None:
+                theta = self._theta
+            else:
+                theta = self.sample_theta()
             theta = theta * self.mask
         # Broadcast over the batch (theta may be per example) and any spatial dims.
         shape = (-1 if theta.dim() == 2 else 1, self.num_units) + (1,) * (x.dim() - 2)

@@ -20,6 +20,10 @@ def check_input(x: Tensor, input_shape: tuple[int, ...] | None) -> None:
         )
 
 
+#: How a gate's noise is drawn in training (:class:`SBPModel`'s ``noise``).
+NOISE_MODES = ("example", "batch")
+
+
 def set_kl_weight(net: nn.Module, kl_weight: float | Mapping[str, float]) -> dict[str, float]:
     """Give every gate of ``net`` its KL weight: one number for all, or ``{site: weight}``
     (sites left out keep 1). Returns the weights by site.
@@ -73,11 +77,17 @@ class SBPModel:
     call's own ``kl_weight`` multiplies the weights (the trainer's KL warm-up ramps it from 0
     to 1). ``idx`` may be left out when the batch is the whole data set.
 
+    With ``noise="batch"`` each gate draws one :math:`\theta` per minibatch, shared by its
+    examples (the BMRS code's choice), as a site outside the data plate whose KL is scaled by
+    :math:`\beta` alone: the same objective in expectation, with a noisier gradient than the
+    per-example draws of the default ``noise="example"`` (SBP's).
+
     :param nn.Module net: a network made prunable with :func:`make_prunable`.
     :param int num_data: the size of the training set.
     :param input_shape: the shape of one input, checked on every call (optional).
     :param kl_weight: :math:`\beta`, one for every gate or ``{site: beta}`` (sites left out
         get 1); stored on the gates, where :class:`~pyro_sbp.guides.SBPGuide` reads it too.
+    :param str noise: ``"example"`` or ``"batch"``; stored on the gates, like ``kl_weight``.
     """
 
     def __init__(
@@ -86,13 +96,19 @@ class SBPModel:
         num_data: int,
         input_shape: tuple[int, ...] | None = None,
         kl_weight: float | Mapping[str, float] = 1.0,
+        noise: str = "example",
     ):
         if num_data < 1:
             raise ValueError(f"num_data must be positive, got {num_data}")
+        if noise not in NOISE_MODES:
+            raise ValueError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
         self.net = net
         self.num_data = int(num_data)
         self.input_shape = None if input_shape is None else tuple(input_shape)
+        self.noise = noise
         set_kl_weight(net, kl_weight)
+        for _, gate in named_gates(net):
+            gate.noise = noise
 
     @property
     def kl_weights(self) -> dict[str, float]:
@@ -104,11 +120,21 @@ class SBPModel:
     ) -> Tensor:
         check_input(x, self.input_shape)
         idx = data_indices(x, idx, self.num_data)
-        for _, gate in named_gates(self.net):
-            gate.kl_scale = kl_weight * gate.kl_weight / self.num_data
-        with pyro.plate("data", self.num_data, subsample=idx):
-            logits = self.net(x)
-            pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
+        gates = [gate for _, gate in named_gates(self.net)]
+        per_batch = [g for g in gates if g.noise == "batch" and g.enabled and g.training]
+        for gate in gates:
+            # In the plate, N/B copies of 1/N each make one KL per unit; outside, one.
+            per_example = gate.noise == "example"
+            gate.kl_scale = kl_weight * gate.kl_weight / (self.num_data if per_example else 1)
+        try:
+            for gate in per_batch:
+                gate._theta = gate.sample_theta()
+            with pyro.plate("data", self.num_data, subsample=idx):
+                logits = self.net(x)
+                pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
+        finally:
+            for gate in per_batch:
+                gate._theta = None
         return logits
 
 

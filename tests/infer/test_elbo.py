@@ -226,3 +226,47 @@ def test_bad_kl_weights_are_refused(weight, match):
     net, *_ = _setup()
     with pytest.raises(ValueError, match=match):
         SBPModel(net, N, (D,), kl_weight=weight)
+
+
+# --- noise per minibatch --------------------------------------------------------------------
+
+
+def test_batch_noise_draws_one_theta_per_minibatch_with_the_kl_once():
+    net, _, guide, x, y = _setup()
+    model = SBPModel(net, N, (D,), kl_weight={"2.gate": 3.0}, noise="batch")
+    idx = torch.arange(4, 12)
+    guide_trace = poutine.trace(guide).get_trace(x[idx], y[idx], idx)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+        x[idx], y[idx], idx
+    )
+    for site, gate in named_gates(net):
+        for trace in (guide_trace, model_trace):
+            node = trace.nodes[site]
+            assert node["value"].shape == (gate.num_units,)  # not (batch, units)
+            assert [f.name for f in node["cond_indep_stack"]] == []  # outside the data plate
+            assert node["scale"] == pytest.approx(3.0 if site == "2.gate" else 1.0)
+    blocked = poutine.block(model, hide=["obs"])
+    loss = TraceMeanField_ELBO(max_plate_nesting=1).loss(blocked, guide, x[idx], y[idx], idx)
+    kls = _per_site_kl(net, guide)
+    assert loss == pytest.approx(kls["0.gate"] + 3.0 * kls["2.gate"], rel=1e-5)
+    # Every example of the minibatch sees the same draw: the gated outputs are the draw times
+    # the ungated ones.
+    assert all(gate._theta is None for _, gate in named_gates(net))
+
+
+def test_batch_noise_and_example_noise_have_the_same_loss_with_a_fixed_likelihood():
+    net, _, guide, x, y = _setup()
+    with torch.no_grad():
+        net[4].weight.zero_()
+        net[4].bias.copy_(torch.tensor([0.3, -0.2, 0.5]))
+    losses = [
+        TraceMeanField_ELBO(max_plate_nesting=1).loss(SBPModel(net, N, (D,), noise=n), guide, x, y)
+        for n in ("example", "batch")
+    ]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_unknown_noise_mode():
+    net, *_ = _setup()
+    with pytest.raises(ValueError, match=r"noise must be one of \('example', 'batch'\)"):
+        SBPModel(net, N, noise="unit")

@@ -200,3 +200,21 @@ def test_a_lock_held_by_another_process_then_released_by_its_death(tmp_path):
     with RunLock(tmp_path) as lock:
         assert lock.held
         assert (tmp_path / ".lock").read_text().split()[0] == str(os.getpid())
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("saves", [3, 4, 6], ids=["after pretraining", "in svi", "after svi 1"])
+def test_resumes_keep_the_learning_rate_schedule(tmp_path, monkeypatch, schedule, saves):
+    options = dict(lr_schedule=schedule, epochs=3, noise="batch", prune_criterion="snr:0.5")
+    full = _run(_config(**options), tmp_path / "a")
+    with monkeypatch.context() as m:
+        _crash_after_saves(m, saves)
+        with pytest.raises(Crash):
+            _run(_config(**options), tmp_path / "b")
+    resumed = Trainer(_config(**options), tmp_path / "b", resume=True, progress=False)
+    resumed.fit()
+    _assert_same(full, _snapshot(resumed))
+    assert [r.get("lr_factor") for r in full["history"]][1:] == [
+        pytest.approx(f)
+        for f in ([1.0, 2 / 3, 1 / 3] if schedule == "linear" else [1.0, 0.75, 0.25])
+    ]

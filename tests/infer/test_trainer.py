@@ -142,3 +142,40 @@ def test_a_larger_kl_weight_keeps_fewer_units():
         config = _config(epochs=10, pretrain_epochs=2, kl_weight=weight, gate_lr=0.1, batch_size=64)
         kept[weight] = sum(Trainer(config, None, progress=False).fit()[-1]["units_kept"].values())
     assert kept[1000.0] < kept[1.0], kept
+
+
+@pytest.mark.parametrize(("masks", "back"), [("cumulative", False), ("fresh", True)])
+def test_fresh_masks_let_a_removed_unit_come_back(monkeypatch, masks, back):
+    import pyro_sbp.reduction as reduction
+    from pyro_sbp.models import named_gates
+    from pyro_sbp.reduction import LayerPruning, PruningResult
+
+    calls = {"n": 0}
+
+    def compute_masks(net, guide, criterion):
+        # Epoch 1 removes unit 0 of the first layer; epoch 2 would keep every unit. As the
+        # library's criteria do, the masks already on the gates are respected.
+        calls["n"] += 1
+        result = PruningResult(criterion, "snr", threshold=0.0)
+        for site, gate in named_gates(net):
+            keep = gate.mask > 0
+            if calls["n"] == 1 and site == "classifier.1.gate":
+                keep = keep.clone()
+                keep[0] = False
+            result.layers[site] = LayerPruning(site, torch.zeros(gate.num_units), keep)
+        return result
+
+    monkeypatch.setattr(reduction, "compute_masks", compute_masks)
+    config = _config(epochs=2, pretrain_epochs=0, prune_criterion="snr:1", prune_masks=masks)
+    trainer = Trainer(config, None, progress=False)
+    history = trainer.fit()
+    assert history[0]["units_kept"]["classifier.1.gate"] == 15
+    assert history[1]["units_kept"]["classifier.1.gate"] == (16 if back else 15)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("noise", "unit"), ("lr_schedule", "step"), ("prune_masks", "none")]
+)
+def test_unknown_recipe_options(key, value):
+    with pytest.raises(ValueError, match=f"{key} must be one of"):
+        _config(**{key: value})

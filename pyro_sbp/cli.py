@@ -68,6 +68,28 @@ def _add_train(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
+        "--kl-weight",
+        type=_kl_weight,
+        default=d.kl_weight,
+        metavar="BETA",
+        help=(
+            "weight of the gates' KL (1: the exact ELBO; larger removes more units), or a JSON "
+            "object by gate site, e.g. '{\"classifier.1.gate\": 10}'"
+        ),
+    )
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    p.add_argument(
+        "--prune-criterion",
+        default=None,
+        help="prune during training: recompute masks after every SVI epoch (e.g. bmrs-n)",
+    )
+    _add_training_options(p, d)
+
+
+def _add_training_options(p, d) -> None:
+    """The options that define a training run, shared by ``train`` and ``sweep``."""
+    p.add_argument(
         "--model", choices=list(NETWORKS), default=None, help=f"network (default {d.model})"
     )
     p.add_argument("--dataset", choices=list(DATASETS), default=d.dataset, help="data set")
@@ -86,16 +108,6 @@ def _add_train(sub) -> None:
     p.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr)
     p.add_argument("--beta1", type=float, default=d.beta1, help="Adam beta1 (SBP: 0.95)")
     p.add_argument(
-        "--kl-weight",
-        type=_kl_weight,
-        default=d.kl_weight,
-        metavar="BETA",
-        help=(
-            "weight of the gates' KL (1: the exact ELBO; larger removes more units), or a JSON "
-            "object by gate site, e.g. '{\"classifier.1.gate\": 10}'"
-        ),
-    )
-    p.add_argument(
         "--kl-warmup-epochs",
         type=int,
         default=d.kl_warmup_epochs,
@@ -107,13 +119,6 @@ def _add_train(sub) -> None:
     p.add_argument("--resize", type=int, default=None, help="resize images (e.g. 32)")
     p.add_argument("--init-log-scale", type=float, default=d.init_log_scale)
     p.add_argument("--network-kwargs", type=_json_dict, default=None, help="JSON object")
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
-    p.add_argument(
-        "--prune-criterion",
-        default=None,
-        help="prune during training: recompute masks after every SVI epoch (e.g. bmrs-n)",
-    )
     p.add_argument(
         "--prune-masks",
         choices=["cumulative", "fresh"],
@@ -160,10 +165,46 @@ def _add_train(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _config_from_args(args, **fixed):
+    """The TrainConfig of the training options (see :func:`_add_training_options`)."""
+    from pyro_sbp.infer import TrainConfig
+
+    d = TrainConfig()
+    return TrainConfig(
+        model=args.model or d.model,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        epochs=d.epochs if args.epochs is None else args.epochs,
+        pretrain_epochs=args.pretrain_epochs,
+        pretrained=args.pretrained,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        gate_lr=args.gate_lr,
+        pretrain_lr=args.pretrain_lr,
+        beta1=args.beta1,
+        kl_warmup_epochs=args.kl_warmup_epochs,
+        seed=args.seed,
+        device=args.device,
+        val_fraction=args.val_fraction,
+        resize=args.resize,
+        init_log_scale=args.init_log_scale,
+        network_kwargs=args.network_kwargs or {},
+        prune_masks=args.prune_masks,
+        finetune_epochs=args.finetune_epochs,
+        noise=args.noise,
+        lr_schedule=args.lr_schedule,
+        input_gates=list(args.input_gates),
+        checkpoint_every=(
+            d.checkpoint_every if args.checkpoint_every is None else args.checkpoint_every
+        ),
+        **fixed,
+    )
+
+
 def _run_train(args) -> int:
     import torch
 
-    from pyro_sbp.infer import TrainConfig, Trainer
+    from pyro_sbp.infer import Trainer
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -179,36 +220,8 @@ def _run_train(args) -> int:
             network_kwargs=args.network_kwargs,
         )
     else:
-        d = TrainConfig()
-        config = TrainConfig(
-            model=args.model or d.model,
-            dataset=args.dataset,
-            data_dir=args.data_dir,
-            epochs=d.epochs if args.epochs is None else args.epochs,
-            pretrain_epochs=args.pretrain_epochs,
-            pretrained=args.pretrained,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            gate_lr=args.gate_lr,
-            pretrain_lr=args.pretrain_lr,
-            beta1=args.beta1,
-            kl_weight=args.kl_weight,
-            kl_warmup_epochs=args.kl_warmup_epochs,
-            seed=args.seed,
-            device=args.device,
-            val_fraction=args.val_fraction,
-            resize=args.resize,
-            init_log_scale=args.init_log_scale,
-            network_kwargs=args.network_kwargs or {},
-            prune_criterion=args.prune_criterion,
-            prune_masks=args.prune_masks,
-            finetune_epochs=args.finetune_epochs,
-            noise=args.noise,
-            lr_schedule=args.lr_schedule,
-            input_gates=list(args.input_gates),
-            checkpoint_every=(
-                d.checkpoint_every if args.checkpoint_every is None else args.checkpoint_every
-            ),
+        config = _config_from_args(
+            args, kl_weight=args.kl_weight, prune_criterion=args.prune_criterion
         )
         trainer = Trainer(config, args.out, progress=not args.no_progress)
     config = trainer.config
@@ -244,7 +257,8 @@ def _add_prune(sub) -> None:
     p.add_argument(
         "--criterion",
         default=None,
-        help="pruning criterion (default: the run's own from pruning during training, else bmrs-n)",
+        help="pruning criterion (default: 'trained', the masks of pruning during training, for a "
+        "run that did; else bmrs-n)",
     )
 
 
@@ -399,7 +413,8 @@ def _add_report(sub) -> None:
     p.add_argument(
         "--criterion",
         default=None,
-        help="pruning criterion (default: the run's own from pruning during training, else bmrs-n)",
+        help="pruning criterion (default: 'trained', the masks of pruning during training, for a "
+        "run that did; else bmrs-n)",
     )
     p.add_argument("--no-bench", action="store_true", help="skip the latency measurement")
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
@@ -419,6 +434,105 @@ def _run_report(args) -> int:
     return 0
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+    if not values or not all(v > 0 and v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def _add_sweep(sub) -> None:
+    from pyro_sbp.infer import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser(
+        "sweep",
+        help="fit one network at several KL weights; the smallest within an accuracy drop",
+        description=(
+            "Pretrain the network once (the reference: the network you bring), then fit it at "
+            "every KL weight of --kl-weights with pruning during training (--criterion) and "
+            "--finetune-epochs of fine-tuning, each in OUT/kl-<weight> (resumable: an "
+            "interrupted sweep continues). Writes OUT/sweep.json and OUT/frontier.png (units "
+            "removed and FLOPs reduction against validation accuracy, the published points "
+            "where known). With --max-accuracy-drop D, the smallest network within D points of "
+            "the reference on the validation split is exported and reported like `pyro-sbp "
+            "report` (full.pt, pruned.pt, report.json in its run directory)."
+        ),
+    )
+    p.add_argument(
+        "--kl-weights",
+        type=_float_list,
+        default=[1.0, 10.0, 100.0, 1000.0],
+        metavar="W1,W2,...",
+        help="the KL weights (default 1,10,100,1000)",
+    )
+    p.add_argument("--criterion", default="bmrs-u:4", help="pruning during training")
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=None,
+        metavar="POINTS",
+        help="pick the smallest network within this many accuracy points of the reference",
+    )
+    p.add_argument("--out", required=True, help="the sweep's directory")
+    _add_training_options(p, d)
+
+
+def _run_sweep(args) -> int:
+    import torch
+
+    from pyro_sbp.diagnostics import format_summary, make_report
+    from pyro_sbp.infer.sweep import SWEEP_NAME, plot_frontier, run_sweep
+    from pyro_sbp.reduction import parse_criterion
+
+    parse_criterion(args.criterion)
+    if args.max_accuracy_drop is not None and not args.max_accuracy_drop >= 0:
+        raise ValueError(f"--max-accuracy-drop must be >= 0, got {args.max_accuracy_drop}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    config = _config_from_args(args)
+    record = run_sweep(
+        config,
+        args.kl_weights,
+        args.out,
+        criterion=args.criterion,
+        max_accuracy_drop=args.max_accuracy_drop,
+        progress=not args.no_progress,
+    )
+    out = Path(args.out)
+    plot_frontier(record, out / "frontier.png")
+    ref = record["reference"]
+    print(f"reference (pretrained, gates off): validation {100 * ref['val_accuracy']:.2f}%")
+    print(f"{'kl_weight':>10} {'removed':>8} {'val':>7} {'test':>7} {'params':>10} {'FLOPs':>8}")
+    for p in record["points"]:
+        print(
+            f"{p['kl_weight']:>10g} {100 * p['fraction_removed']:>7.1f}% "
+            f"{100 * p['val_accuracy']:>6.2f}% {100 * p['test_accuracy']:>6.2f}% "
+            f"{p['params']:>10,} {ref['flops'] / max(p['flops'], 1):>7.2f}x"
+        )
+    print(f"wrote {out / SWEEP_NAME} and {out / 'frontier.png'}")
+    if args.max_accuracy_drop is None:
+        return 0
+    if record["chosen"] is None:
+        print(f"no KL weight stays within {args.max_accuracy_drop:g} points of the reference")
+        return 0
+    chosen = next(p for p in record["points"] if p["kl_weight"] == record["chosen"])
+    print(
+        f"chosen: KL weight {record['chosen']:g}, the smallest network within "
+        f"{args.max_accuracy_drop:g} points on validation"
+    )
+    # The network as the sweep measured it: the masks of its training, fine-tuned.
+    report = make_report(chosen["run_dir"], "trained", bench=True)
+    print(format_summary(report))
+    print(f"wrote report.json, full.pt, pruned.pt and plots/ in {chosen['run_dir']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyro-sbp",
@@ -426,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
+    _add_sweep(sub)
     _add_prune(sub)
     _add_export(sub)
     _add_bench(sub)
@@ -440,6 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     commands = {
         "train": _run_train,
+        "sweep": _run_sweep,
         "prune": _run_prune,
         "export": _run_export,
         "bench": _run_bench,

@@ -286,10 +286,10 @@ def make_report(
 
 
 def _training_note(training: str | None, criterion: str) -> str:
+    if criterion == "trained":
+        return f" (the masks of pruning during training with {training})" if training else ""
     if not training:
         return ""
-    if training == criterion:
-        return " (during training)"
     return f" (on the masks of pruning during training with {training})"
 
 

@@ -21,6 +21,8 @@ criterion              keeps a unit iff
                        weights in the layer it enters) exceeds ``T``
 ``match:BASE:TARGET``  ``BASE`` (``snr``, ``mean`` or ``l2``) with the global threshold that
                        removes as many units as ``TARGET`` (any criterion above) does
+``trained``            the masks already on the gates, as they are: those a run pruned with
+                       during training (no further pruning; the default of a run that did)
 =====================  ==========================================================================
 
 BMRS criteria need no threshold. Masks are cumulative: a unit removed before stays removed.
@@ -51,9 +53,11 @@ PUBLISHED_BMRS_N_OFFSET = 0.5 * math.log(2 * math.pi)
 
 CRITERIA_HELP = (
     "bmrs-n, bmrs-n-published, bmrs-u:P, bmrs-u-low:P, snr:T, mean:T, l2:T, match:BASE:TARGET "
-    "(BASE one of snr, mean, l2; TARGET any other criterion), e.g. bmrs-u:4, snr:1, "
-    "match:snr:bmrs-n"
+    "(BASE one of snr, mean, l2; TARGET any other criterion), trained (the masks of pruning "
+    "during training, as they are), e.g. bmrs-u:4, snr:1, match:snr:bmrs-n"
 )
+#: The criterion that keeps the masks on the gates as they are.
+TRAINED = "trained"
 
 _NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
 
@@ -210,11 +214,12 @@ def _unknown(criterion: str) -> ValueError:
 
 
 def criterion_for_run(criterion: str | None, training_criterion: str | None) -> str:
-    """``criterion`` if one is named; else the one a run pruned with during training (its masks
-    are the starting point anyway); else :data:`DEFAULT_CRITERION`."""
+    """``criterion`` if one is named; else ``"trained"`` (the masks as they are) for a run that
+    pruned during training, whose fine-tuning was done with those masks; else
+    :data:`DEFAULT_CRITERION`."""
     if criterion is not None:
         return criterion
-    return training_criterion or DEFAULT_CRITERION
+    return TRAINED if training_criterion else DEFAULT_CRITERION
 
 
 def parse_criterion(criterion: str) -> tuple[str, float | None, str | None]:
@@ -223,7 +228,7 @@ def parse_criterion(criterion: str) -> tuple[str, float | None, str | None]:
     if not isinstance(criterion, str):
         raise ValueError(f"a pruning criterion is a string, got {criterion!r}")
     c = criterion.strip().lower()
-    if c in ("bmrs-n", "bmrs-n-published"):
+    if c in ("bmrs-n", "bmrs-n-published", TRAINED):
         return c, None, None
     m = re.fullmatch(r"(bmrs-u|bmrs-u-low):" + _NUMBER, c)
     if m:
@@ -234,8 +239,8 @@ def parse_criterion(criterion: str) -> tuple[str, float | None, str | None]:
     m = re.fullmatch(r"match:(snr|mean|l2):(.+)", c)
     if m:
         target = m.group(2)
-        if target.startswith("match:"):
-            raise ValueError(f"match: cannot target another match: {criterion!r}")
+        if target.startswith("match:") or target == TRAINED:
+            raise ValueError(f"match: cannot target another match or trained: {criterion!r}")
         try:
             parse_criterion(target)
         except ValueError as e:
@@ -256,6 +261,11 @@ def compute_masks(net: nn.Module, guide, criterion: str) -> PruningResult:
     name, arg, target = parse_criterion(criterion)
     previous = {site: gate.mask.detach().cpu() > 0 for site, gate in named_gates(net)}
     result = PruningResult(criterion=criterion, score_name="")
+    if name == TRAINED:
+        result.score_name = "mask"
+        for site, keep in previous.items():
+            result.layers[site] = LayerPruning(site, keep.to(torch.float64), keep.clone())
+        return result
     if name == "match":
         base, target_criterion = target.split("|", 1)
         wanted = compute_masks(net, guide, target_criterion)

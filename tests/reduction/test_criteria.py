@@ -200,3 +200,18 @@ def test_pruning_during_training_then_finetuning():
     assert finetune[0]["units_kept"] == finetune[-1]["units_kept"] == svi[-1]["units_kept"]
     masks = {s: g.mask.sum().item() for s, g in named_gates(trainer.net)}
     assert masks == svi[-1]["units_kept"]
+
+
+def test_trained_keeps_the_masks_on_the_gates_as_they_are(trained):
+    _, out = trained
+    trainer = _reload(out)
+    site, gate = next(iter(named_gates(trainer.net)))
+    keep = torch.ones(gate.num_units)
+    keep[::3] = 0.0
+    apply_masks(trainer.net, {site: keep})
+    result = compute_masks(trainer.net, trainer.guide, "trained")
+    assert result.masks()[site].tolist() == (keep > 0).tolist()
+    assert all(bool(m.all()) for s, m in result.masks().items() if s != site)
+    assert result.score_name == "mask" and result.threshold is None
+    with pytest.raises(ValueError, match="cannot target"):
+        parse_criterion("match:snr:trained")

@@ -128,6 +128,11 @@ def _add_training_options(p, d) -> None:
     )
     p.add_argument("--finetune-epochs", type=int, default=0, help="SVI epochs with frozen masks")
     p.add_argument(
+        "--keep-best",
+        action="store_true",
+        help="end with the fine-tuning epoch of best validation accuracy (BMRS's recipe)",
+    )
+    p.add_argument(
         "--noise",
         choices=["example", "batch"],
         default=d.noise,
@@ -191,6 +196,7 @@ def _config_from_args(args, **fixed):
         network_kwargs=args.network_kwargs or {},
         prune_masks=args.prune_masks,
         finetune_epochs=args.finetune_epochs,
+        keep_best=args.keep_best,
         noise=args.noise,
         lr_schedule=args.lr_schedule,
         input_gates=list(args.input_gates),
@@ -236,6 +242,11 @@ def _run_train(args) -> int:
             f"{site} {kept[site]}/{total[site]}" for site in kept
         )
     print(summary)
+    if trainer.best is not None and trainer.best["kept"]:
+        print(
+            f"kept the network of SVI epoch {trainer.best['epoch']}, the best fine-tuning epoch "
+            f"(validation accuracy {trainer.best['val_accuracy']:.4f})"
+        )
     print(f"checkpoint and history in {args.out}")
     return 0
 

@@ -174,3 +174,12 @@ def test_train_takes_the_recipe_options(tmp_path):
         1.0,
         0.5,
     ]
+
+
+def test_train_keep_best_says_which_epoch_it_kept(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", *TINY, "--epochs", "1", "--finetune-epochs", "2", "--keep-best"]
+    assert main([*args, "--out", str(out)]) == 0
+    best = load_checkpoint(out)["best"]
+    assert best["kept"] and best["epoch"] in (2, 3)
+    assert f"kept the network of SVI epoch {best['epoch']}" in capsys.readouterr().out

@@ -128,6 +128,8 @@ class TrainConfig:
         epoch's masks are computed from scratch, so a unit can come back, as BMRS's code does).
     :ivar noise: ``"example"`` (a draw of the gates per example, SBP's) or ``"batch"`` (one
         per minibatch, BMRS's); see :class:`~pyro_sbp.models.SBPModel`.
+    :ivar keep_best: end the run with the network and gate posteriors of its fine-tuning epoch
+        of best validation accuracy (BMRS's recipe) instead of its last one.
     :ivar lr_schedule: the SVI learning rates over the ``epochs + finetune_epochs`` SVI epochs:
         ``"constant"``, ``"linear"`` (SBP's decay: epoch ``e`` of ``T`` at ``1 - e / T`` of the
         rate) or ``"cosine"`` (``(1 + cos(pi e / T)) / 2``).
@@ -165,6 +167,7 @@ class TrainConfig:
     noise: str = "example"
     lr_schedule: str = "constant"
     finetune_epochs: int = 0
+    keep_best: bool = False
     input_gates: list[str] = field(default_factory=list)
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     network_kwargs: dict = field(default_factory=dict)
@@ -337,6 +340,9 @@ class Trainer:
         self._stop: _StopOnSignal | None = None
         self._lr_factor = 1.0
         self._restored_optim: dict[str, dict] = {}
+        #: With ``keep_best``: the best fine-tuning epoch so far (its number, validation
+        #: accuracy, network state and gate parameters), and whether the run ended with it.
+        self.best: dict[str, Any] | None = None
         if checkpoint is not None:
             self._restore(checkpoint)
         elif config.pretrained:
@@ -483,6 +489,7 @@ class Trainer:
             "sampler_rng": sampler.generator.get_state(),
             "loader_rng": self.loaders["train"].generator.get_state(),
             "history": self.history,
+            "best": self.best,
             "split": self.splits.split,
             "input_shape": list(self.input_shape),
             "num_classes": self.splits.num_classes,
@@ -514,6 +521,7 @@ class Trainer:
         self.global_step = ckpt["global_step"]
         progress = ckpt.get("epoch_progress")
         self._progress = None if progress is None else _EpochProgress(**progress)
+        self.best = ckpt.get("best")
 
     def save(self) -> None:
         """Write the checkpoint and the history (atomically; nothing without ``out_dir``)."""
@@ -566,6 +574,8 @@ class Trainer:
                     record = self._svi_epoch(self.svi_done, prune)
                     self.svi_done += 1
                     self._end_epoch(record, bar)
+                if c.keep_best and self.best is not None and not self.best["kept"]:
+                    self._keep_best()
             finally:
                 bar.close()
                 self._stop = None
@@ -580,8 +590,37 @@ class Trainer:
             for tmp in self.out_dir.glob(f"{name}.*.tmp"):
                 tmp.unlink(missing_ok=True)
 
+    def _snapshot_best(self, record: dict) -> None:
+        if self.best is not None and record["val_accuracy"] <= self.best["val_accuracy"]:
+            return
+        store = pyro.get_param_store()
+        gates = {
+            k: v.detach().clone() for k, v in store.get_state()["params"].items() if in_gate(k)
+        }
+        self.best = {
+            "epoch": record["epoch"],
+            "val_accuracy": record["val_accuracy"],
+            "net_state": {k: v.detach().clone() for k, v in self.net.state_dict().items()},
+            "guide_params": gates,
+            "kept": False,
+        }
+
+    def _keep_best(self) -> None:
+        """End with the best fine-tuning epoch's network and gate posteriors (in place: the
+        optimisers keep their parameters)."""
+        self.net.load_state_dict(self.best["net_state"])
+        store = pyro.get_param_store()
+        with torch.no_grad():
+            for name, value in self.best["guide_params"].items():
+                store[name].unconstrained().copy_(value)
+        self.guide.update_gates()
+        self.best["kept"] = True
+        self.save()
+
     def _end_epoch(self, record: dict, bar) -> None:
         self._progress = None
+        if self.config.keep_best and record["phase"] == "finetune":
+            self._snapshot_best(record)
         self.history.append(record)
         self.save()
         bar.update(1)

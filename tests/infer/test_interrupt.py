@@ -218,3 +218,17 @@ def test_resumes_keep_the_learning_rate_schedule(tmp_path, monkeypatch, schedule
         pytest.approx(f)
         for f in ([1.0, 2 / 3, 1 / 3] if schedule == "linear" else [1.0, 0.75, 0.25])
     ]
+
+
+@pytest.mark.parametrize("saves", [5, 9], ids=["in fine-tuning", "after the best epoch"])
+def test_resumes_keep_the_best_epoch(tmp_path, monkeypatch, saves):
+    options = dict(epochs=1, finetune_epochs=3, keep_best=True)
+    full = _run(_config(**options), tmp_path / "a")
+    with monkeypatch.context() as m:
+        _crash_after_saves(m, saves)
+        with pytest.raises(Crash):
+            _run(_config(**options), tmp_path / "b")
+    resumed = Trainer(_config(**options), tmp_path / "b", resume=True, progress=False)
+    resumed.fit()
+    _assert_same(full, _snapshot(resumed))
+    assert load_checkpoint(tmp_path / "b")["best"]["kept"]

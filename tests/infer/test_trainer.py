@@ -179,3 +179,43 @@ def test_fresh_masks_let_a_removed_unit_come_back(monkeypatch, masks, back):
 def test_unknown_recipe_options(key, value):
     with pytest.raises(ValueError, match=f"{key} must be one of"):
         _config(**{key: value})
+
+
+def test_keep_best_ends_with_the_best_finetuning_epoch(tmp_path, monkeypatch):
+    import pyro_sbp.infer.trainer as trainer_module
+
+    # Validation accuracies of the epochs, made up: the second fine-tuning epoch (SVI epoch 3)
+    # is the best.
+    made_up = iter([0.5, 0.6, 0.7, 0.9, 0.8, 0.3])
+    monkeypatch.setattr(trainer_module, "evaluate", lambda *args: next(made_up))
+    captured = {}
+    real_end = Trainer._end_epoch
+
+    def end_epoch(self, record, bar):
+        real_end(self, record, bar)
+        if record["phase"] == "finetune":
+            captured[record["epoch"]] = {
+                "net": {k: v.clone() for k, v in self.net.state_dict().items()},
+                "loc": pyro.param("classifier.1.gate.loc").detach().clone(),
+            }
+
+    monkeypatch.setattr(Trainer, "_end_epoch", end_epoch)
+    config = _config(pretrain_epochs=1, epochs=1, finetune_epochs=4, keep_best=True)
+    trainer = Trainer(config, tmp_path, progress=False)
+    history = trainer.fit()
+    assert [r["val_accuracy"] for r in history] == [0.5, 0.6, 0.7, 0.9, 0.8, 0.3]
+    assert (trainer.best["epoch"], trainer.best["val_accuracy"], trainer.best["kept"]) == (
+        3,
+        0.9,
+        True,
+    )
+    best = captured[3]
+    assert all(torch.equal(v, best["net"][k]) for k, v in trainer.net.state_dict().items())
+    assert torch.equal(pyro.param("classifier.1.gate.loc").detach(), best["loc"])
+    assert not torch.equal(best["loc"], captured[5]["loc"])  # the last epoch's differ
+    # The checkpoint holds the best epoch's network; a resumed run does nothing more.
+    from pyro_sbp.infer import load_checkpoint
+
+    ckpt = load_checkpoint(tmp_path)
+    assert all(torch.equal(v, best["net"][k]) for k, v in ckpt["net_state"].items())
+    assert ckpt["best"]["kept"] and ckpt["svi_done"] == 5

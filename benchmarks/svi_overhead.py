@@ -22,9 +22,10 @@ Variants, timed in the same loop to show where the time goes (``--no-variants`` 
   parameters). Its trace freezes the data-dependent branches of the gate distributions
   (``_standard._overlay``), so it is not safe to train with; it is also several times slower
   than the default step and its memory grows by some 20 MB a step (torch 2.14, Pyro 1.9.2);
-* svi_lean: a prototype ELBO (defined here) that skips the log-densities of the latent sites
-  that ``TraceMeanField_ELBO`` computes and never uses, and computes each gate KL once per unit
-  on the un-expanded parameters instead of once per example and unit (same value and gradient);
+* svi_lean: the same step with the library's ``CompactMeanField_ELBO`` (the Trainer's and the
+  README's ELBO): ``TraceMeanField_ELBO``'s loss and gradients without the log-densities of the
+  latent sites that it computes and never uses, each gate KL computed once per unit on the
+  un-expanded parameters instead of once per example and unit;
 * svi_textbook_gates: the default step with the gates' posteriors, their samples and their KL
   computed by the textbook formulas (:class:`TextbookTruncatedLogNormal`; wrong in the tails):
   the floor of an SVI step with SBP's truncated gates in eager PyTorch
@@ -78,14 +79,13 @@ import torch
 import torch.nn.functional as F
 import torch.profiler
 from pyro import poutine
-from pyro.distributions import Independent
 from pyro.infer import SVI, JitTraceMeanField_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled
-from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import Normal, kl_divergence, register_kl
 
 from pyro_sbp.distributions import TruncatedLogNormal, TruncatedLogUniform, _standard
 from pyro_sbp.guides import SBPGuide
+from pyro_sbp.infer import CompactMeanField_ELBO
 from pyro_sbp.models import (
     DEFAULT_HIGH,
     DEFAULT_LOW,
@@ -106,58 +106,6 @@ LR, GATE_LR, BETAS = 1e-3, 1e-2, (0.95, 0.999)  # the Trainer's defaults
 def _optim_args(name: str) -> dict:
     gate = name.endswith((".gate.loc", ".gate.log_scale"))
     return {"lr": GATE_LR if gate else LR, "betas": BETAS}
-
-
-# --- the prototype ELBO ---------------------------------------------------------------------
-
-
-def _compact(fn):
-    """``fn`` without the leading batch dims that a plate added by expanding (stride 0)."""
-    base, k = (
-        (fn.base_dist, fn.reinterpreted_batch_ndims) if isinstance(fn, Independent) else (fn, 0)
-    )
-    if isinstance(base, TruncatedLogNormal):
-        params, cls = [base.loc, base.scale, base.low, base.high], TruncatedLogNormal
-    elif isinstance(base, TruncatedLogUniform):
-        params, cls = [base.low, base.high], TruncatedLogUniform
-    else:
-        return fn
-    while all(t.dim() > k and t.stride(0) == 0 for t in params):
-        params = [t[0] for t in params]
-    d = cls(*params, validate_args=False)
-    return d.to_event(k) if k else d
-
-
-class LeanMeanFieldELBO(TraceMeanField_ELBO):
-    """``TraceMeanField_ELBO`` without the unused log-densities of latent sites, with each KL
-    computed on the un-expanded parameters and multiplied by the number of copies (exact when
-    the plate only expanded the distribution, as it does for SBP's gates)."""
-
-    def _get_trace(self, model, guide, args, kwargs):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-        guide_trace = prune_subsample_sites(guide_trace)
-        model_trace = prune_subsample_sites(model_trace)
-        model_trace.compute_log_prob(site_filter=lambda _name, site: site["is_observed"])
-        return model_trace, guide_trace
-
-    def _differentiable_loss_particle(self, model_trace, guide_trace):
-        elbo = 0.0
-        for name, site in model_trace.nodes.items():
-            if site["type"] != "sample":
-                continue
-            if site["is_observed"]:
-                elbo = elbo + site["log_prob_sum"]
-                continue
-            guide_site = guide_trace.nodes[name]
-            assert guide_site["mask"] is None
-            q = _compact(guide_site["fn"])
-            copies = guide_site["fn"].batch_shape.numel() // q.batch_shape.numel()
-            kl = kl_divergence(q, _compact(site["fn"])).sum()
-            elbo = elbo - kl * (copies * guide_site["scale"])
-        return -elbo.item(), -elbo
 
 
 # --- plain-PyTorch references -----------------------------------------------------------------
@@ -400,11 +348,11 @@ def build_steps(args, x, y, idx):
         TraceMeanField_ELBO(),
     )
     steps["svi_textbook_gates"] = lambda: svi_tb.step(x, y, idx)
-    svi_lean = SVI(model, guide, pyro.optim.Adam(_optim_args), LeanMeanFieldELBO())
+    svi_lean = SVI(model, guide, pyro.optim.Adam(_optim_args), CompactMeanField_ELBO())
     steps["svi_lean"] = lambda: svi_lean.step(x, y, idx)
 
     # The lean ELBO's loss with one torch.optim.Adam over all parameters (two groups).
-    lean = LeanMeanFieldELBO()
+    lean = CompactMeanField_ELBO()
     lean.differentiable_loss(model, guide, x, y, idx)  # creates every parameter
     store = pyro.get_param_store()
     groups = {True: [], False: []}

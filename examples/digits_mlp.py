@@ -11,7 +11,8 @@ The library's pipeline step by step, with Pyro's own SVI loop instead of the ``T
 4. the Pyro model, written here by hand: the gated network inside
    ``pyro.plate("data", N, subsample=idx)``, every gate's KL scaled by ``1 / N`` so that the
    per-example noise still counts each unit's KL once; the guide is ``SBPGuide``;
-5. SVI with ``TraceMeanField_ELBO`` (the KL between the truncated log-normal posterior and the
+5. SVI with ``CompactMeanField_ELBO`` (``TraceMeanField_ELBO``'s loss and gradients, with each
+   KL computed once per unit; the KL between the truncated log-normal posterior and the
    truncated log-uniform prior is analytic);
 6. ``guide.update_gates()`` (``E[theta]`` into the gates for evaluation), then Bayesian Model
    Reduction by hand: for each unit the change in log evidence ``delta_f(q, prior, reduced)``
@@ -40,7 +41,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.infer import SVI, TraceMeanField_ELBO
+from pyro.infer import SVI
 from pyro.optim import Adam
 
 from pyro_sbp.data import load_dataset, make_loaders
@@ -55,6 +56,7 @@ from pyro_sbp.export import (
     save_torchscript,
 )
 from pyro_sbp.guides import SBPGuide
+from pyro_sbp.infer import CompactMeanField_ELBO
 from pyro_sbp.models import build_network, make_prunable, named_gates, set_gates_enabled
 from pyro_sbp.reduction import apply_masks, compute_masks, delta_f
 
@@ -249,7 +251,7 @@ def run(args: argparse.Namespace) -> dict:
         gate_param = name.endswith((".gate.loc", ".gate.log_scale"))
         return {"lr": args.gate_lr if gate_param else args.lr, "betas": (0.95, 0.999)}
 
-    svi = SVI(model, guide, Adam(optim_args), TraceMeanField_ELBO())
+    svi = SVI(model, guide, Adam(optim_args), CompactMeanField_ELBO())
     net.train()
     loss = svi_epochs(svi, train, args.epochs)
 

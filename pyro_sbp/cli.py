@@ -59,7 +59,8 @@ def _add_train(sub) -> None:
         help="fit a gated network with SVI",
         description=(
             "Pretrain a network (gates off), then fit weights and gate posteriors by SVI with "
-            "TraceMeanField_ELBO. Writes checkpoint.pt (resumable) and history.json to --out, "
+            "CompactMeanField_ELBO (TraceMeanField_ELBO's loss, each KL once per unit). Writes "
+            "checkpoint.pt (resumable) and history.json to --out, "
             "after every epoch and every --checkpoint-every steps. Ctrl-C (SIGINT) or SIGTERM "
             "stops after the current step with a checkpoint; --resume continues from it, with "
             "the run's own settings (--model and --network-kwargs may be left out).\n\n"

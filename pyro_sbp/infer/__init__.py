@@ -8,6 +8,7 @@ from pyro_sbp.infer.checkpoint import (
     save_atomic,
     save_checkpoint,
 )
+from pyro_sbp.infer.compact_elbo import CompactMeanField_ELBO
 from pyro_sbp.infer.run_lock import RunDirectoryLocked, RunLock
 from pyro_sbp.infer.trainer import (
     DEFAULT_CHECKPOINT_EVERY,
@@ -22,6 +23,7 @@ from pyro_sbp.infer.trainer import (
 __all__ = [
     "DEFAULT_CHECKPOINT_EVERY",
     "CheckpointError",
+    "CompactMeanField_ELBO",
     "NonFiniteLossError",
     "RunDirectoryLocked",
     "RunLock",

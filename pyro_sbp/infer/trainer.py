@@ -15,7 +15,6 @@ from typing import Any
 import pyro
 import torch
 import torch.nn.functional as F
-from pyro.infer import TraceMeanField_ELBO
 from pyro.optim import Adam
 from torch import nn
 from tqdm.auto import tqdm
@@ -31,6 +30,7 @@ from pyro_sbp.infer.checkpoint import (
     save_checkpoint,
     write_text_atomic,
 )
+from pyro_sbp.infer.compact_elbo import CompactMeanField_ELBO
 from pyro_sbp.infer.plain_state import (
     get_plain_rng_state,
     param_store_from_plain,
@@ -330,7 +330,7 @@ class Trainer:
         )
         self.guide = SBPGuide(self.net, num_data, init_log_scale=config.init_log_scale)
         self.optim = Adam(self._optim_args)
-        self.elbo = TraceMeanField_ELBO()
+        self.elbo = CompactMeanField_ELBO()
         self.pretrain_optim = torch.optim.Adam(self.net.parameters(), lr=config.pretrain_lr)
         self.history: list[dict[str, Any]] = []
         self.pretrain_done = 0

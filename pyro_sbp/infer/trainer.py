@@ -49,7 +49,7 @@ from pyro_sbp.models import (
     set_gates_enabled,
 )
 from pyro_sbp.models.prunable import in_gate
-from pyro_sbp.models.sbp_model import NOISE_MODES
+from pyro_sbp.models.sbp_model import NOISE_MODES, check_kl_weight
 
 HISTORY_NAME = "history.json"
 #: :attr:`TrainConfig.lr_schedule` values.
@@ -189,8 +189,7 @@ class TrainConfig:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
         weights = self.kl_weight.values() if isinstance(self.kl_weight, dict) else [self.kl_weight]
         for w in weights:
-            if isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w < math.inf:
-                raise ValueError(f"kl_weight must be a positive number, got {w!r}")
+            check_kl_weight(w)
         for key, allowed in (
             ("prune_masks", PRUNE_MASKS),
             ("noise", NOISE_MODES),
@@ -407,10 +406,11 @@ class Trainer:
             )
         return make_prunable(net, input_layers=c.input_gates, low=c.low, high=c.high)
 
+    def _base_lr(self, name: str) -> float:
+        return self.config.gate_lr if in_gate(name) else self.config.lr
+
     def _optim_args(self, name: str) -> dict:
-        c = self.config
-        lr = (c.gate_lr if in_gate(name) else c.lr) * self._lr_factor
-        return {"lr": lr, "betas": (c.beta1, 0.999)}
+        return {"lr": self._base_lr(name) * self._lr_factor, "betas": (self.config.beta1, 0.999)}
 
     def lr_factor(self, epoch: int) -> float:
         """The learning-rate schedule's factor in SVI epoch ``epoch`` (0-based)."""
@@ -426,12 +426,11 @@ class Trainer:
         # (with _optim_args, which reads the factor) and then given the state restored from a
         # checkpoint, if any: the existing optimisers and those pending states get the rates.
         self._lr_factor = factor
-        c = self.config
         store = pyro.get_param_store()
 
         def set_rates(name: str, groups: list[dict]) -> None:
             for group in groups:
-                group["lr"] = (c.gate_lr if in_gate(name) else c.lr) * factor
+                group["lr"] = self._base_lr(name) * factor
 
         created = set()
         for param, optimizer in self.optim.optim_objs.items():

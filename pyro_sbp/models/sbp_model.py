@@ -24,6 +24,13 @@ def check_input(x: Tensor, input_shape: tuple[int, ...] | None) -> None:
 NOISE_MODES = ("example", "batch")
 
 
+def check_kl_weight(value: object, what: str = "kl_weight") -> None:
+    """ValueError unless ``value`` is a positive finite number (not a bool)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be a positive number, got {value!r}")
+
+
 def set_kl_weight(net: nn.Module, kl_weight: float | Mapping[str, float]) -> dict[str, float]:
     """Give every gate of ``net`` its KL weight: one number for all, or ``{site: weight}``
     (sites left out keep 1). Returns the weights by site.
@@ -40,12 +47,7 @@ def set_kl_weight(net: nn.Module, kl_weight: float | Mapping[str, float]) -> dic
     else:
         weights = dict.fromkeys(gates, kl_weight)
     for site, w in weights.items():
-        if (
-            isinstance(w, bool)
-            or not isinstance(w, int | float)
-            or not (math.isfinite(w) and w > 0)
-        ):
-            raise ValueError(f"the KL weight of {site!r} must be a positive number, got {w!r}")
+        check_kl_weight(w, f"the KL weight of {site!r}")
         gates[site].kl_weight = float(w)
     return {site: float(w) for site, w in weights.items()}
 

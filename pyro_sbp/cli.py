@@ -499,7 +499,7 @@ def _run_sweep(args) -> int:
     import torch
 
     from pyro_sbp.diagnostics import format_summary, make_report
-    from pyro_sbp.infer.sweep import SWEEP_NAME, plot_frontier, run_sweep
+    from pyro_sbp.infer.sweep import SWEEP_NAME, plot_frontier, points_phrase, run_sweep
     from pyro_sbp.reduction import parse_criterion
 
     parse_criterion(args.criterion)
@@ -531,12 +531,12 @@ def _run_sweep(args) -> int:
     if args.max_accuracy_drop is None:
         return 0
     if record["chosen"] is None:
-        print(f"no KL weight stays within {args.max_accuracy_drop:g} points of the reference")
+        print(f"no KL weight stays within {points_phrase(args.max_accuracy_drop)} of the reference")
         return 0
     chosen = next(p for p in record["points"] if p["kl_weight"] == record["chosen"])
     print(
         f"chosen: KL weight {record['chosen']:g}, the smallest network within "
-        f"{args.max_accuracy_drop:g} points on validation"
+        f"{points_phrase(args.max_accuracy_drop)} on validation"
     )
     # The network as the sweep measured it: the masks of its training, fine-tuned.
     report = make_report(chosen["run_dir"], "trained", bench=True)

@@ -195,6 +195,11 @@ def _choose(points: list[SweepPoint], reference: float, drop: float | None) -> f
     return min(ok, key=lambda p: (p.params, p.flops, -p.val_accuracy)).kl_weight
 
 
+def points_phrase(drop: float) -> str:
+    """``"1 point"``, ``"0.5 points"``: an accuracy drop in words."""
+    return f"{drop:g} point" + ("" if drop == 1 else "s")
+
+
 def plot_frontier(record: dict, path: str | Path) -> None:
     """Units removed and FLOPs reduction against validation accuracy, one point per weight,
     with the reference and the published points (where known) overlaid."""
@@ -224,7 +229,7 @@ def plot_frontier(record: dict, path: str | Path) -> None:
             "*",
             ms=14,
             color="tab:red",
-            label=f"chosen (within {record['max_accuracy_drop']:g} points)",
+            label=f"chosen (within {points_phrase(record['max_accuracy_drop'])})",
         )
     ax.set_xlabel("units removed (%)")
     ax.set_ylabel("accuracy (%)")

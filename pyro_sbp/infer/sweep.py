@@ -10,7 +10,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from pyro_sbp.infer.checkpoint import CHECKPOINT_NAME, write_text_atomic
+from pyro_sbp.infer.checkpoint import CHECKPOINT_NAME, load_checkpoint, write_text_atomic
 from pyro_sbp.infer.trainer import TrainConfig, Trainer, evaluate
 
 __all__ = ["PUBLISHED_FRONTIER", "SWEEP_NAME", "SweepPoint", "run_sweep"]
@@ -55,9 +55,27 @@ def _run_name(weight: float) -> str:
     return f"kl-{weight:g}"
 
 
+#: Settings that a fit in a sweep's directory may change when the sweep is run again.
+_MAY_CHANGE = {"epochs", "finetune_epochs", "checkpoint_every"}
+
+
 def _fit(config: TrainConfig, out: Path, progress: bool) -> Trainer:
     if (out / CHECKPOINT_NAME).exists():
-        trainer = Trainer.from_run(out, progress=progress)
+        # A fit of an earlier (or interrupted) sweep: continued, if it is of the same recipe.
+        stored = TrainConfig.from_dict(load_checkpoint(out)["config"])
+        differ = [
+            f"{f.name}: {getattr(stored, f.name)!r} there, {getattr(config, f.name)!r} asked"
+            for f in dataclasses.fields(TrainConfig)
+            if f.name not in _MAY_CHANGE and getattr(stored, f.name) != getattr(config, f.name)
+        ]
+        if differ:
+            raise ValueError(
+                f"{out} holds a fit of other settings ({'; '.join(differ)}): use another "
+                "sweep directory, or the same settings"
+            )
+        trainer = Trainer.from_run(out, progress=progress, epochs=config.epochs)
+        trainer.config.finetune_epochs = config.finetune_epochs
+        trainer.config.checkpoint_every = config.checkpoint_every
     else:
         trainer = Trainer(config, out, progress=progress)
     trainer.fit()
@@ -149,6 +167,7 @@ def run_sweep(
             kl_weight=w,
             prune_criterion=criterion,
             pretrained=str(pretrain_dir / CHECKPOINT_NAME),
+            pretrain_epochs=0,  # what the trainer records for a run from pretrained weights
         )
         run_dir = out / _run_name(w)
         trainer = _fit(run_config, run_dir, progress)

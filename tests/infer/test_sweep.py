@@ -1,5 +1,6 @@
 """The compression-accuracy sweep: fits per KL weight, the frontier, the choice, resumption."""
 
+import dataclasses
 import json
 
 import pytest
@@ -133,3 +134,16 @@ def test_bad_sweep_arguments(tmp_path, capsys, option, value, message):
         main(["sweep", option, value, "--out", str(tmp_path)])
     assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_sweep_run_again_with_other_settings_is_refused_or_continued(tmp_path):
+    config = dataclasses.replace(_config(), epochs=1, finetune_epochs=0)
+    run_sweep(config, [10.0], tmp_path, criterion="snr:1", progress=False)
+    with pytest.raises(ValueError, match=r"holds a fit of other settings \(gate_lr: 0.2 there"):
+        run_sweep(dataclasses.replace(config, gate_lr=0.1), [10.0], tmp_path, criterion="snr:1")
+    # More epochs: the fits continue where they stopped.
+    record = run_sweep(
+        dataclasses.replace(config, epochs=2), [10.0], tmp_path, criterion="snr:1", progress=False
+    )
+    assert load_checkpoint(tmp_path / "kl-10")["svi_done"] == 2
+    assert len(record["points"]) == 1

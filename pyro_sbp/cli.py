@@ -81,6 +81,11 @@ def _add_train(sub) -> None:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in --out even if it holds one (which is then lost)",
+    )
+    p.add_argument(
         "--prune-criterion",
         default=None,
         help="prune during training: recompute masks after every SVI epoch (e.g. bmrs-n)",
@@ -227,6 +232,13 @@ def _run_train(args) -> int:
             network_kwargs=args.network_kwargs,
         )
     else:
+        from pyro_sbp.infer.checkpoint import CHECKPOINT_NAME
+
+        if (Path(args.out) / CHECKPOINT_NAME).exists() and not args.overwrite:
+            raise ValueError(
+                f"{args.out} already holds a run ({CHECKPOINT_NAME}): pass --resume to continue "
+                "it, --overwrite to start again, or choose another --out"
+            )
         config = _config_from_args(
             args, kl_weight=args.kl_weight, prune_criterion=args.prune_criterion
         )

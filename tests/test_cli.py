@@ -183,3 +183,14 @@ def test_train_keep_best_says_which_epoch_it_kept(tmp_path, capsys):
     best = load_checkpoint(out)["best"]
     assert best["kept"] and best["epoch"] in (2, 3)
     assert f"kept the network of SVI epoch {best['epoch']}" in capsys.readouterr().out
+
+
+def test_train_refuses_to_overwrite_a_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 2
+    assert "already holds a run (checkpoint.pt): pass --resume" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert main(["train", *TINY, "--epochs", "1", "--overwrite", "--out", str(out)]) == 0

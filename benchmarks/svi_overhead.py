@@ -13,7 +13,11 @@ training-set positions on the CPU, times
 
 alternating them (and the variants below) in one run, in an order that rotates every
 repetition, and writes the medians, their interquartile ranges and the ratio
-(svi / plain) to ``benchmarks/results/svi_overhead.json``. Target: ratio <= 1.3.
+(svi / plain) to ``benchmarks/results/svi_overhead.json``. Target: ratio <= 1.3. It also counts,
+with ``torch.profiler``, the aten operator calls (nested ones included) and the host
+synchronisations (``_local_scalar_dense``, ``nonzero``) of one plain, one svi and one svi_lean
+step: ``ops``, ``ops_svi``, ``ops_plain``, ``ops_ratio`` (target <= 3) and ``host_syncs_svi``
+(target 0). Operation counts are exact and machine-independent.
 
 Variants, timed in the same loop to show where the time goes (``--no-variants`` skips them):
 
@@ -485,6 +489,12 @@ def run(args) -> dict:
         "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
     }
+    ops = {name: count_ops(steps[name]) for name in ("plain", "svi", "svi_lean") if name in steps}
+    result["ops"] = ops
+    result["ops_svi"] = ops["svi"]["aten_calls"]
+    result["ops_plain"] = ops["plain"]["aten_calls"]
+    result["ops_ratio"] = ops["svi"]["aten_calls"] / ops["plain"]["aten_calls"]
+    result["host_syncs_svi"] = ops["svi"]["host_syncs"]
     if all(a in med and (b is None or b in med) for _, a, b in BREAKDOWN):
         result["breakdown_ms"] = {
             label: 1e3 * (med[a] - (med[b] if b else 0.0)) for label, a, b in BREAKDOWN
@@ -494,6 +504,24 @@ def run(args) -> dict:
             "trace freezes data-dependent branches of _standard._overlay: not safe to train with"
         )
     return result
+
+
+#: The operators at which the host waits for the device: every ``.item()``, ``bool(tensor)``
+#: and ``.all()`` / ``.any()`` test ends in ``_local_scalar_dense``; ``nonzero`` sizes its output.
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")
+
+
+def count_ops(step) -> dict:
+    """aten operator calls (nested ones included) and host synchronisations of one call of
+    ``step``, counted by ``torch.profiler``: exact and machine-independent."""
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    names = [e.name for e in prof.events()]
+    return {
+        "aten_calls": sum(n.startswith("aten::") for n in names),
+        "host_syncs": sum(n in SYNC_OPS for n in names),
+    }
 
 
 def profile(args) -> None:

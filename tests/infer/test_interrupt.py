@@ -35,6 +35,20 @@ def _config(**kwargs) -> TrainConfig:
     return TrainConfig(**(base | kwargs))
 
 
+def _crash_then_resume(tmp_path, monkeypatch, saves: int, **options) -> dict:
+    """An uninterrupted run, and a run crashed after its ``saves``-th checkpoint and resumed:
+    the uninterrupted run's snapshot, after checking that the resumed one ends the same."""
+    full = _run(_config(**options), tmp_path / "a")
+    with monkeypatch.context() as m:
+        _crash_after_saves(m, saves)
+        with pytest.raises(Crash):
+            _run(_config(**options), tmp_path / "b")
+    resumed = Trainer(_config(**options), tmp_path / "b", resume=True, progress=False)
+    resumed.fit()
+    _assert_same(full, _snapshot(resumed))
+    return full
+
+
 # 9 batches an epoch. Every 4 steps: checkpoints at steps 4 and 8 (pretraining), then the
 # epoch's, then 12, 16 (SVI epoch 1, batches 3 and 7), the epoch's, 20 (SVI epoch 2, batch 2).
 # Every 3 steps, the third checkpoint is at the last batch of pretraining, before its evaluation.
@@ -51,17 +65,16 @@ def _config(**kwargs) -> TrainConfig:
 def test_a_checkpoint_inside_an_epoch_resumes_with_the_next_batch(
     tmp_path, monkeypatch, every, saves, where
 ):
-    full = _run(_config(checkpoint_every=every), tmp_path / "a")
-    with monkeypatch.context() as m:
-        _crash_after_saves(m, saves)
-        with pytest.raises(Crash):
-            _run(_config(checkpoint_every=every), tmp_path / "b")
-    ckpt = load_checkpoint(tmp_path / "b")
-    p = ckpt["epoch_progress"]
-    assert (p["phase"], p["epoch"], p["batches_done"]) == where
-    resumed = Trainer(_config(checkpoint_every=every), tmp_path / "b", resume=True, progress=False)
-    resumed.fit()
-    _assert_same(full, _snapshot(resumed))
+    real_restore = Trainer._restore
+    restored = {}
+
+    def restore(self, ckpt):
+        restored.update(ckpt["epoch_progress"] or {})
+        real_restore(self, ckpt)
+
+    monkeypatch.setattr(Trainer, "_restore", restore)
+    _crash_then_resume(tmp_path, monkeypatch, saves, checkpoint_every=every)
+    assert (restored["phase"], restored["epoch"], restored["batches_done"]) == where
 
 
 def test_checkpoint_every_zero_writes_after_epochs_only(tmp_path, monkeypatch):
@@ -206,14 +219,7 @@ def test_a_lock_held_by_another_process_then_released_by_its_death(tmp_path):
 @pytest.mark.parametrize("saves", [3, 4, 6], ids=["after pretraining", "in svi", "after svi 1"])
 def test_resumes_keep_the_learning_rate_schedule(tmp_path, monkeypatch, schedule, saves):
     options = dict(lr_schedule=schedule, epochs=3, noise="batch", prune_criterion="snr:0.5")
-    full = _run(_config(**options), tmp_path / "a")
-    with monkeypatch.context() as m:
-        _crash_after_saves(m, saves)
-        with pytest.raises(Crash):
-            _run(_config(**options), tmp_path / "b")
-    resumed = Trainer(_config(**options), tmp_path / "b", resume=True, progress=False)
-    resumed.fit()
-    _assert_same(full, _snapshot(resumed))
+    full = _crash_then_resume(tmp_path, monkeypatch, saves, **options)
     assert [r.get("lr_factor") for r in full["history"]][1:] == [
         pytest.approx(f)
         for f in ([1.0, 2 / 3, 1 / 3] if schedule == "linear" else [1.0, 0.75, 0.25])
@@ -222,13 +228,5 @@ def test_resumes_keep_the_learning_rate_schedule(tmp_path, monkeypatch, schedule
 
 @pytest.mark.parametrize("saves", [5, 9], ids=["in fine-tuning", "after the best epoch"])
 def test_resumes_keep_the_best_epoch(tmp_path, monkeypatch, saves):
-    options = dict(epochs=1, finetune_epochs=3, keep_best=True)
-    full = _run(_config(**options), tmp_path / "a")
-    with monkeypatch.context() as m:
-        _crash_after_saves(m, saves)
-        with pytest.raises(Crash):
-            _run(_config(**options), tmp_path / "b")
-    resumed = Trainer(_config(**options), tmp_path / "b", resume=True, progress=False)
-    resumed.fit()
-    _assert_same(full, _snapshot(resumed))
+    _crash_then_resume(tmp_path, monkeypatch, saves, epochs=1, finetune_epochs=3, keep_best=True)
     assert load_checkpoint(tmp_path / "b")["best"]["kept"]

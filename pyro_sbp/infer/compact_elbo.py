@@ -95,6 +95,9 @@ class CompactMeanField_ELBO(TraceMeanField_ELBO):
     """
 
     def _get_trace(self, model, guide, args, kwargs):
+        if isinstance(poutine.unwrap(guide), poutine.messenger.Messenger):
+            # A GuideMessenger (AutoNormalMessenger, ...) runs the model itself: Pyro's path.
+            return super()._get_trace(model, guide, args, kwargs)
         guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
         model_trace = poutine.trace(
             poutine.replay(model, trace=guide_trace), graph_type="flat"

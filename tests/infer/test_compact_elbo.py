@@ -100,3 +100,20 @@ def test_sites_that_cannot_be_compacted_fall_back():
     got, got_grads = _loss_and_grads(CompactMeanField_ELBO(), model, guide, x)
     assert got == pytest.approx(expected, rel=1e-6)
     torch.testing.assert_close(got_grads["loc"], expected_grads["loc"])
+
+
+def test_a_guide_messenger_takes_pyros_path():
+    from pyro.infer.autoguide import AutoNormalMessenger
+
+    def model(x):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("obs", dist.Normal(z, 1.0), obs=x)
+
+    x = torch.randn(6)
+    guide = AutoNormalMessenger(model)
+    expected, expected_grads = _loss_and_grads(TraceMeanField_ELBO(), model, guide, x)
+    got, got_grads = _loss_and_grads(CompactMeanField_ELBO(), model, guide, x)
+    assert got == pytest.approx(expected, rel=1e-6)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(got_grads[name], grad)

@@ -213,6 +213,21 @@ def _config_from_args(args, **fixed):
     )
 
 
+#: What ``train --resume`` takes from the command line; the rest comes from the checkpoint.
+_RESUME_OPTIONS = {
+    "command",
+    "out",
+    "resume",
+    "epochs",
+    "checkpoint_every",
+    "model",
+    "network_kwargs",
+    "threads",
+    "no_progress",
+    "overwrite",
+}
+
+
 def _run_train(args) -> int:
     import torch
 
@@ -222,7 +237,7 @@ def _run_train(args) -> int:
         torch.set_num_threads(args.threads)
     if args.resume:
         # The run's own settings; only the epochs and the interval may change, and a network
-        # given explicitly must be the run's.
+        # given explicitly must be the run's. Other options given are said to be ignored.
         trainer = Trainer.from_run(
             args.out,
             progress=not args.no_progress,
@@ -231,6 +246,18 @@ def _run_train(args) -> int:
             model=args.model,
             network_kwargs=args.network_kwargs,
         )
+        defaults = vars(build_parser().parse_args(["train", "--out", args.out]))
+        ignored = [
+            "--" + key.replace("_", "-")
+            for key, value in vars(args).items()
+            if key not in _RESUME_OPTIONS and value != defaults.get(key)
+        ]
+        if ignored:
+            print(
+                f"pyro-sbp train: note: --resume continues with the run's own settings; "
+                f"ignored: {', '.join(ignored)}",
+                file=sys.stderr,
+            )
     else:
         from pyro_sbp.infer.checkpoint import CHECKPOINT_NAME
 

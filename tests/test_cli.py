@@ -194,3 +194,15 @@ def test_train_refuses_to_overwrite_a_run(tmp_path, capsys):
     assert "already holds a run (checkpoint.pt): pass --resume" in capsys.readouterr().err
     assert (out / "checkpoint.pt").read_bytes() == before
     assert main(["train", *TINY, "--epochs", "1", "--overwrite", "--out", str(out)]) == 0
+
+
+def test_resume_says_which_options_it_ignores(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    args = ["train", "--resume", "--epochs", "1", "--lr", "0.5", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "--resume continues with the run's own settings; ignored: --lr" in err, err
+    assert main(["train", "--resume", "--epochs", "1", "--no-progress", "--out", str(out)]) == 0
+    assert "ignored" not in capsys.readouterr().err

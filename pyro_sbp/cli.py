@@ -322,7 +322,6 @@ def _run_prune(args) -> int:
     from pyro_sbp.reduction import (
         MASKS_NAME,
         apply_masks,
-        compute_masks,
         criterion_for_run,
         parse_criterion,
         save_masks,
@@ -340,7 +339,7 @@ def _run_prune(args) -> int:
     apply_masks(trainer.net, {site: torch.ones_like(m) for site, m in trained.items()})
     before = evaluate(trainer.net, loader, trainer.device)
     apply_masks(trainer.net, trained)
-    result = compute_masks(trainer.net, trainer.guide, criterion)
+    result = trainer.compute_masks(criterion)
     apply_masks(trainer.net, result)
     after = evaluate(trainer.net, loader, trainer.device)
     summary = result.to_dict() | {
@@ -373,13 +372,13 @@ def _add_export(sub) -> None:
 
 def _load_for_export(run_dir: str, criterion: str | None):
     from pyro_sbp.infer import Trainer
-    from pyro_sbp.reduction import MASKS_NAME, apply_masks, compute_masks, load_masks
+    from pyro_sbp.reduction import MASKS_NAME, apply_masks, load_masks
 
     trainer = Trainer.from_run(run_dir)
     trainer.guide.update_gates()
     masks_path = Path(run_dir) / MASKS_NAME
     if criterion is not None:
-        apply_masks(trainer.net, compute_masks(trainer.net, trainer.guide, criterion))
+        apply_masks(trainer.net, trainer.compute_masks(criterion))
     elif masks_path.exists():
         apply_masks(trainer.net, load_masks(masks_path, trainer.net))
     else:
@@ -522,7 +521,9 @@ def _add_sweep(sub) -> None:
         metavar="W1,W2,...",
         help="the KL weights (default 1,10,100,1000)",
     )
-    p.add_argument("--criterion", default="bmrs-u:4", help="pruning during training")
+    p.add_argument(
+        "--criterion", default=None, help="pruning during training (default bmrs-u:4)"
+    )
     p.add_argument(
         "--max-accuracy-drop",
         type=float,
@@ -541,7 +542,8 @@ def _run_sweep(args) -> int:
     from pyro_sbp.infer.sweep import SWEEP_NAME, plot_frontier, points_phrase, run_sweep
     from pyro_sbp.reduction import parse_criterion
 
-    parse_criterion(args.criterion)
+    if args.criterion is not None:
+        parse_criterion(args.criterion)
     if args.max_accuracy_drop is not None and not args.max_accuracy_drop >= 0:
         raise ValueError(f"--max-accuracy-drop must be >= 0, got {args.max_accuracy_drop}")
     if args.threads is not None:

@@ -104,7 +104,7 @@ def _plot_log_theta(trainer, result, path: Path):
 def _plot_delta_f_snr(trainer, result, path: Path):
     plt = _pyplot()
     # Delta F of the report's criterion when it is a BMRS one, else BMRS_N's.
-    bmrs = result if result.score_name == "delta_f" else None
+    bmrs = result if result.score_name in ("delta_f", "delta_f_elbo") else None
     bmrs = bmrs or compute_masks(trainer.net, trainer.guide, "bmrs-n")
     snr = compute_masks(trainer.net, trainer.guide, "snr:1")
     sites = list(bmrs.layers)
@@ -229,7 +229,7 @@ def make_report(
     apply_masks(trainer.net, {s: torch.ones_like(m) for s, m in trained_masks.items()})
     full_acc = evaluate(trainer.net, test_loader, trainer.device)
     apply_masks(trainer.net, trained_masks)
-    result = compute_masks(trainer.net, trainer.guide, criterion)
+    result = trainer.compute_masks(criterion)
     apply_masks(trainer.net, result)
     pruned_acc = evaluate(trainer.net, test_loader, trainer.device)
     save_masks(result, run / MASKS_NAME)

@@ -357,6 +357,7 @@ class Trainer:
         checkpoint_every: int | None = None,
         model: str | None = None,
         network_kwargs: dict | None = None,
+        splits=None,
     ) -> "Trainer":
         """The trainer of a finished (or interrupted) run, restored from its checkpoint, with
         the run's own settings.
@@ -365,6 +366,8 @@ class Trainer:
         :param checkpoint_every: steps between checkpoints from now on (default: the run's).
         :param model: if given, the run must be of this network (else ValueError).
         :param network_kwargs: if given, the run's network must have these arguments.
+        :param splits: the data (:class:`~pyro_sbp.data.DataSplits`) instead of the run's data
+            set, loaded again (they must have the run's split sizes).
         """
         ckpt = load_checkpoint(Path(run_dir) / CHECKPOINT_NAME)
         config = TrainConfig.from_dict(ckpt["config"])
@@ -375,7 +378,9 @@ class Trainer:
             "network_kwargs": network_kwargs,
         }
         config = dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
-        return cls(config, run_dir, resume=True, progress=progress, _checkpoint=ckpt)
+        return cls(
+            config, run_dir, resume=True, progress=progress, splits=splits, _checkpoint=ckpt
+        )
 
     # --- construction --------------------------------------------------------------------
 
@@ -528,6 +533,15 @@ class Trainer:
             return
         save_checkpoint(self.state(), self.out_dir / CHECKPOINT_NAME)
         write_text_atomic(json.dumps(self.history, indent=1) + "\n", self.out_dir / HISTORY_NAME)
+
+    def compute_masks(self, criterion: str):
+        """:func:`~pyro_sbp.reduction.compute_masks` for this run's network and guide, with its
+        training split as the data (which ``elbo`` needs)."""
+        from pyro_sbp.reduction import compute_masks
+
+        return compute_masks(
+            self.net, self.guide, criterion, self.splits.train.tensors, progress=self.progress
+        )
 
     # --- training ------------------------------------------------------------------------
 
@@ -737,13 +751,13 @@ class Trainer:
         self.guide.update_gates()
         record = {}
         if prune:
-            from pyro_sbp.reduction import apply_masks, compute_masks
+            from pyro_sbp.reduction import apply_masks
 
             if self.config.prune_masks == "fresh":
                 apply_masks(
                     self.net, {s: torch.ones_like(g.mask) for s, g in named_gates(self.net)}
                 )
-            result = compute_masks(self.net, self.guide, self.config.prune_criterion)
+            result = self.compute_masks(self.config.prune_criterion)
             apply_masks(self.net, result)
             record["criterion"] = self.config.prune_criterion
         if self.config.prune_criterion is not None:

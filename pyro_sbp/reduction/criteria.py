@@ -21,6 +21,11 @@ criterion              keeps a unit iff
                        weights in the layer it enters) exceeds ``T``
 ``match:BASE:TARGET``  ``BASE`` (``snr``, ``mean`` or ``l2``) with the global threshold that
                        removes as many units as ``TARGET`` (any criterion above) does
+``elbo``               :math:`\\Delta F < 0` for the network without the unit, by its free
+                       energy (the ELBO it was fitted to, KL weights included) estimated on the
+                       training data, the unit's KL its Occam factor; removed jointly as the
+                       prefix of the ranking with the largest free energy
+                       (:mod:`pyro_sbp.reduction.elbo_ablation`; needs ``data``)
 ``trained``            the masks already on the gates, as they are: those a run pruned with
                        during training (no further pruning; the default of a run that did)
 =====================  ==========================================================================
@@ -40,9 +45,11 @@ from torch import Tensor, nn
 from pyro_sbp.distributions import TruncatedLogNormal, TruncatedLogUniform
 from pyro_sbp.models import gated_layer_name, is_input_gate, named_gates
 from pyro_sbp.reduction.delta_f import delta_f, snr
+from pyro_sbp.reduction.elbo_ablation import elbo_delta_f
 
-#: The criterion used when none is named (and a run did not prune during training).
-DEFAULT_CRITERION = "bmrs-n"
+#: The criterion used when none is named (and a run did not prune during training): BMRS_U-4,
+#: exact BMR, which removes a unit whose posterior is the prior (docs/math.md, section 4).
+DEFAULT_CRITERION = "bmrs-u:4"
 #: The reduced prior's scale for BMRS_N (on log theta).
 BMRS_N_SCALE = 1e-6
 #: log 2^-23: the float32 mantissa, the published lower end of BMRS_U's reduced prior.
@@ -52,12 +59,14 @@ BMRS_U_LOW = 2.0**-23
 PUBLISHED_BMRS_N_OFFSET = 0.5 * math.log(2 * math.pi)
 
 CRITERIA_HELP = (
-    "bmrs-n, bmrs-n-published, bmrs-u:P, bmrs-u-low:P, snr:T, mean:T, l2:T, match:BASE:TARGET "
-    "(BASE one of snr, mean, l2; TARGET any other criterion), trained (the masks of pruning "
-    "during training, as they are), e.g. bmrs-u:4, snr:1, match:snr:bmrs-n"
+    "elbo, bmrs-n, bmrs-n-published, bmrs-u:P, bmrs-u-low:P, snr:T, mean:T, l2:T, "
+    "match:BASE:TARGET (BASE one of snr, mean, l2; TARGET any other criterion), trained (the "
+    "masks of pruning during training, as they are), e.g. bmrs-u:4, snr:1, match:snr:bmrs-n"
 )
 #: The criterion that keeps the masks on the gates as they are.
 TRAINED = "trained"
+#: The criterion that compares free energies on the training data.
+ELBO = "elbo"
 
 _NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
 
@@ -89,10 +98,12 @@ class LayerPruning:
 
 @dataclass
 class PruningResult:
-    """Keep-masks for every gate, with the scores that decided them.
+    r"""Keep-masks for every gate, with the scores that decided them.
 
     ``score_name`` says what the scores are (``delta_f``: a unit is kept iff its score is
-    negative; otherwise a unit is kept iff its score exceeds ``threshold``).
+    negative; ``delta_f_elbo``: each unit's own :math:`\Delta F`, the units removed being
+    those with the best joint reduction, all with :math:`\Delta F \ge 0`; ``mask``: the masks
+    as they were; otherwise a unit is kept iff its score exceeds ``threshold``).
     """
 
     criterion: str
@@ -202,7 +213,10 @@ def _scores(name: str, arg: float | None, net, guide) -> tuple[str, dict[str, Te
 
 
 _PREFIX = re.compile(
-    r"bmrs-n-published|bmrs-n|(?:bmrs-u-low|bmrs-u):" + _NUMBER + r"|(?:snr|mean|l2):" + _NUMBER
+    r"elbo|bmrs-n-published|bmrs-n|(?:bmrs-u-low|bmrs-u):"
+    + _NUMBER
+    + r"|(?:snr|mean|l2):"
+    + _NUMBER
 )
 
 
@@ -228,7 +242,7 @@ def parse_criterion(criterion: str) -> tuple[str, float | None, str | None]:
     if not isinstance(criterion, str):
         raise ValueError(f"a pruning criterion is a string, got {criterion!r}")
     c = criterion.strip().lower()
-    if c in ("bmrs-n", "bmrs-n-published", TRAINED):
+    if c in (ELBO, "bmrs-n", "bmrs-n-published", TRAINED):
         return c, None, None
     m = re.fullmatch(r"(bmrs-u|bmrs-u-low):" + _NUMBER, c)
     if m:
@@ -249,14 +263,20 @@ def parse_criterion(criterion: str) -> tuple[str, float | None, str | None]:
     raise _unknown(criterion)
 
 
-def compute_masks(net: nn.Module, guide, criterion: str) -> PruningResult:
+def compute_masks(
+    net: nn.Module, guide, criterion: str, data=None, *, progress: bool = False
+) -> PruningResult:
     """Keep-masks for every gate of ``net`` under ``criterion`` (see the module's table).
 
     The masks already on the gates are respected: a unit removed before stays removed.
 
     :param net: the gated network.
     :param guide: its fitted :class:`~pyro_sbp.guides.SBPGuide`.
-    :param str criterion: e.g. ``"bmrs-n"``, ``"bmrs-u:4"``, ``"snr:1"``, ``"match:snr:bmrs-n"``.
+    :param str criterion: e.g. ``"elbo"``, ``"bmrs-n"``, ``"bmrs-u:4"``, ``"snr:1"``,
+        ``"match:snr:bmrs-n"``.
+    :param data: the training inputs and labels ``(x, y)`` (or a ``TensorDataset`` of them),
+        which ``elbo`` needs; the other criteria ignore it.
+    :param bool progress: a progress bar for ``elbo``'s passes over the data.
     """
     name, arg, target = parse_criterion(criterion)
     previous = {site: gate.mask.detach().cpu() > 0 for site, gate in named_gates(net)}
@@ -268,7 +288,7 @@ def compute_masks(net: nn.Module, guide, criterion: str) -> PruningResult:
         return result
     if name == "match":
         base, target_criterion = target.split("|", 1)
-        wanted = compute_masks(net, guide, target_criterion)
+        wanted = compute_masks(net, guide, target_criterion, data, progress=progress)
         score_name, scores = _scores(base, None, net, guide)
         # Remove, among the units still in, the ones with the lowest scores, as many as the
         # target criterion removes (ties broken by position, deterministically).
@@ -285,6 +305,19 @@ def compute_masks(net: nn.Module, guide, criterion: str) -> PruningResult:
             n = sc.numel()
             result.layers[site] = LayerPruning(site, sc, keep_flat[start : start + n].clone())
             start += n
+        return result
+    if name == ELBO:
+        if data is None:
+            raise ValueError(
+                "criterion 'elbo' compares the network with and without each unit on the "
+                "training data: pass data=(x, y)"
+            )
+        if hasattr(data, "tensors"):
+            data = data.tensors[:2]
+        scores, remove = elbo_delta_f(net, guide, data, progress=progress)
+        result.score_name = "delta_f_elbo"
+        for site, sc in scores.items():
+            result.layers[site] = LayerPruning(site, sc, ~remove[site] & previous[site])
         return result
     score_name, scores = _scores(name, arg, net, guide)
     result.score_name = score_name

@@ -112,7 +112,7 @@ def test_masks_do_not_depend_on_precision_or_device_of_the_parameters(trained):
 
 @pytest.mark.parametrize("bad", ["bogus", "snr", "bmrs-u", "match:snr", "match:foo:bmrs-n", "l2:x"])
 def test_unknown_criterion_lists_the_valid_ones(bad):
-    with pytest.raises(ValueError, match="valid: bmrs-n, bmrs-n-published, bmrs-u:P"):
+    with pytest.raises(ValueError, match="valid: elbo, bmrs-n, bmrs-n-published, bmrs-u:P"):
         parse_criterion(bad)
 
 

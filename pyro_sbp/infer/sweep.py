@@ -59,7 +59,7 @@ def _run_name(weight: float) -> str:
 _MAY_CHANGE = {"epochs", "finetune_epochs", "checkpoint_every"}
 
 
-def _fit(config: TrainConfig, out: Path, progress: bool) -> Trainer:
+def _fit(config: TrainConfig, out: Path, progress: bool, splits=None) -> Trainer:
     if (out / CHECKPOINT_NAME).exists():
         # A fit of an earlier (or interrupted) sweep: continued, if it is of the same recipe.
         stored = TrainConfig.from_dict(load_checkpoint(out)["config"])
@@ -73,11 +73,11 @@ def _fit(config: TrainConfig, out: Path, progress: bool) -> Trainer:
                 f"{out} holds a fit of other settings ({'; '.join(differ)}): use another "
                 "sweep directory, or the same settings"
             )
-        trainer = Trainer.from_run(out, progress=progress, epochs=config.epochs)
+        trainer = Trainer.from_run(out, progress=progress, epochs=config.epochs, splits=splits)
         trainer.config.finetune_epochs = config.finetune_epochs
         trainer.config.checkpoint_every = config.checkpoint_every
     else:
-        trainer = Trainer(config, out, progress=progress)
+        trainer = Trainer(config, out, progress=progress, splits=splits)
     trainer.fit()
     trainer.guide.update_gates()
     return trainer
@@ -109,9 +109,10 @@ def run_sweep(
     kl_weights: list[float],
     out_dir: str | Path,
     *,
-    criterion: str = "bmrs-u:4",
+    criterion: str | None = None,
     max_accuracy_drop: float | None = None,
     progress: bool = True,
+    splits=None,
 ) -> dict[str, Any]:
     r"""Fit ``config``'s network at every KL weight, pruning during training with
     ``criterion``, and pick the smallest network within ``max_accuracy_drop`` points.
@@ -128,6 +129,9 @@ def run_sweep(
     *validation* accuracy is at most that far below the reference's, the one whose exported
     network has the fewest parameters (then the fewest FLOPs). Writes ``out_dir/sweep.json``.
 
+    ``criterion`` defaults to :data:`~pyro_sbp.reduction.DEFAULT_CRITERION`; ``splits``
+    (:class:`~pyro_sbp.data.DataSplits`) replaces the data set that ``config`` names.
+
     :returns: the sweep's record: ``reference``, ``points`` (per weight: accuracies, units,
         parameters, FLOPs, fraction removed), ``frontier`` (the weights on the Pareto front of
         validation accuracy against units removed) and ``chosen`` (a weight, or ``None``).
@@ -140,15 +144,16 @@ def run_sweep(
             raise ValueError(f"KL weights must be positive numbers, got {w!r}")
     if max_accuracy_drop is not None and not max_accuracy_drop >= 0:
         raise ValueError(f"max_accuracy_drop must be >= 0 points, got {max_accuracy_drop!r}")
-    from pyro_sbp.reduction import parse_criterion
+    from pyro_sbp.reduction import DEFAULT_CRITERION, parse_criterion
 
+    criterion = DEFAULT_CRITERION if criterion is None else criterion
     parse_criterion(criterion)
     out = Path(out_dir)
     pretrain_dir = out / "pretrained"
     reference_config = dataclasses.replace(
         config, epochs=0, finetune_epochs=0, prune_criterion=None, pretrained=None
     )
-    reference = _fit(reference_config, pretrain_dir, progress=False)
+    reference = _fit(reference_config, pretrain_dir, progress=False, splits=splits)
     from pyro_sbp.models import set_gates_enabled
 
     set_gates_enabled(reference.net, False)  # the plain network: gates off
@@ -170,7 +175,7 @@ def run_sweep(
             pretrain_epochs=0,  # what the trainer records for a run from pretrained weights
         )
         run_dir = out / _run_name(w)
-        trainer = _fit(run_config, run_dir, progress)
+        trainer = _fit(run_config, run_dir, progress, splits)
         points.append(_measure(trainer, w, run_dir))
     bar.close()
     record = {

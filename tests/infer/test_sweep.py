@@ -147,3 +147,24 @@ def test_a_sweep_run_again_with_other_settings_is_refused_or_continued(tmp_path)
     )
     assert load_checkpoint(tmp_path / "kl-10")["svi_done"] == 2
     assert len(record["points"]) == 1
+
+
+def test_given_splits_and_the_default_criterion(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from pyro_sbp.data import load_dataset
+    from pyro_sbp.reduction import DEFAULT_CRITERION
+
+    splits = load_dataset("digits", seed=0)
+    x, y = splits.train.tensors
+    split = dict(splits.split, sizes=dict(splits.split["sizes"], train=300))
+    split["indices"] = dict(split["indices"], train=split["indices"]["train"][:300])
+    small = dataclasses.replace(splits, train=TensorDataset(x[:300], y[:300]), split=split)
+    config = dataclasses.replace(_config(), epochs=1, finetune_epochs=0)
+    record = run_sweep(config, [10.0], tmp_path, progress=False, splits=small)
+    assert record["criterion"] == DEFAULT_CRITERION == "bmrs-u:4"
+    ckpt = load_checkpoint(tmp_path / "kl-10")
+    assert ckpt["split"]["sizes"]["train"] == 300
+    # Read back with the same data: nothing is fitted again.
+    again = run_sweep(config, [10.0], tmp_path, progress=False, splits=small)
+    assert again["points"] == record["points"]

@@ -521,9 +521,7 @@ def _add_sweep(sub) -> None:
         metavar="W1,W2,...",
         help="the KL weights (default 1,10,100,1000)",
     )
-    p.add_argument(
-        "--criterion", default=None, help="pruning during training (default bmrs-u:4)"
-    )
+    p.add_argument("--criterion", default=None, help="pruning during training (default bmrs-u:4)")
     p.add_argument(
         "--max-accuracy-drop",
         type=float,

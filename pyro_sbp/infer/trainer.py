@@ -378,9 +378,7 @@ class Trainer:
             "network_kwargs": network_kwargs,
         }
         config = dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
-        return cls(
-            config, run_dir, resume=True, progress=progress, splits=splits, _checkpoint=ckpt
-        )
+        return cls(config, run_dir, resume=True, progress=progress, splits=splits, _checkpoint=ckpt)
 
     # --- construction --------------------------------------------------------------------
 

@@ -157,27 +157,36 @@ def mills_gap_complement(x: Tensor, d: Tensor) -> Tensor:
     return torch.where(x < threshold, direct, series)
 
 
-def _overlay(mask: Tensor, fn_rare, fn_common, *args: Tensor) -> tuple[Tensor, ...]:
-    """``fn_common`` on every element, overwritten by ``fn_rare`` where ``mask`` holds.
+def _overlay(
+    mask: Tensor,
+    fn_rare,
+    fn_common,
+    *args: Tensor,
+    safe_rare: tuple[float, ...],
+    safe_common: tuple[float, ...],
+) -> tuple[Tensor, ...]:
+    """``fn_rare`` where ``mask`` holds, ``fn_common`` elsewhere, with no host synchronisation.
 
-    All ``args`` share the shape of ``mask``; each function takes and returns flat tensors.
-    ``fn_common`` must stay finite on every input (its values are discarded where ``mask``
-    holds, and so are their gradients); ``fn_rare`` sees only its own elements.
-
-    The branch taken depends on the data (``mask.any()``), so a trace of it (``torch.jit.trace``,
-    and with it Pyro's ``JitTraceMeanField_ELBO``) would freeze one branch: do not trace it.
+    Both functions run on every element (they are element-wise: each takes and returns tensors
+    of the arguments' common shape, possibly with trailing working dims of its own), each on its
+    own elements and on ``safe_rare`` / ``safe_common`` (one value per argument, inside the
+    function's domain) in the others' places, so that both stay finite everywhere, values and
+    gradients, and ``torch.where`` picks the result. No branch depends on the data: the work is
+    the same whatever the mask, a CUDA stream never waits for the host, and a trace (CUDA graphs,
+    ``torch.jit.trace``) records the whole computation.
     """
-    shape = mask.shape
-    flat_mask = mask.reshape(-1)
-    flat_args = [a.reshape(-1) for a in args]
-    if bool(flat_mask.all()):
-        return tuple(r.reshape(shape) for r in fn_rare(*flat_args))
-    common = fn_common(*flat_args)
-    if not bool(flat_mask.any()):
-        return tuple(r.reshape(shape) for r in common)
-    idx = flat_mask.nonzero().squeeze(-1)
-    rare = fn_rare(*(a.index_select(0, idx) for a in flat_args))
-    return tuple(c.index_put((idx,), r).reshape(shape) for c, r in zip(common, rare, strict=True))
+    rare_args = [torch.where(mask, a, v) for a, v in zip(args, safe_rare, strict=True)]
+    common_args = [torch.where(mask, v, a) for a, v in zip(args, safe_common, strict=True)]
+    rare = fn_rare(*rare_args)
+    common = fn_common(*common_args)
+    return tuple(torch.where(mask, r, c) for r, c in zip(rare, common, strict=True))
+
+
+#: In-domain stand-ins (alpha, beta, width) for the elements a branch does not own: a tail
+#: interval (0 < alpha < beta), a straddling one (alpha < 0 < beta) and a nearly flat one.
+_SAFE_TAIL = (1.0, 2.0, 1.0)
+_SAFE_STRADDLE = (-1.0, 1.0, 2.0)
+_SAFE_FLAT = (-0.05, 0.05, 0.1)
 
 
 def compact(shape: torch.Size, *tensors: Tensor) -> tuple[Tensor, ...]:
@@ -286,7 +295,16 @@ def log_zhat(alpha: Tensor, beta: Tensor, width: Tensor | None = None) -> tuple[
     difference (for shifted bounds far from zero).
     """
     c = canonical(alpha, beta, width)
-    (lz,) = _overlay(c.tail, _tail_lz, _straddle_lz, c.alpha, c.beta, c.width)
+    (lz,) = _overlay(
+        c.tail,
+        _tail_lz,
+        _straddle_lz,
+        c.alpha,
+        c.beta,
+        c.width,
+        safe_rare=_SAFE_TAIL,
+        safe_common=_SAFE_STRADDLE,
+    )
     return nearest_to_zero(alpha, beta), lz
 
 
@@ -400,6 +418,8 @@ def _closed_form(al, be, width, *, need_var):
         al,
         be,
         width,
+        safe_rare=_SAFE_TAIL,
+        safe_common=_SAFE_STRADDLE,
     )
 
 
@@ -431,6 +451,8 @@ def moments(
         c.alpha,
         c.beta,
         c.width,
+        safe_rare=_SAFE_FLAT,
+        safe_common=_SAFE_STRADDLE,
     )
     lz, entropy, mean = out[:3]
     mean = c.sign * mean
@@ -459,11 +481,32 @@ def kl_to_uniform(
     def close(al, be, wd, ent):
         return _flat_kl(al, be, wd)
 
-    (kl,) = _overlay(flat, close, direct, c.alpha, c.beta, c.width, entropy)
+    (kl,) = _overlay(
+        flat,
+        close,
+        direct,
+        c.alpha,
+        c.beta,
+        c.width,
+        entropy,
+        safe_rare=(*_SAFE_FLAT, 0.0),
+        safe_common=(*_SAFE_STRADDLE, 0.0),
+    )
     return kl.clamp(min=0.0)
 
 
 # --- sampling ------------------------------------------------------------------------------------
+
+
+#: erfcx(alpha / sqrt 2) at the stand-in alphas of the tail sampler's two branches (computed
+#: once, so that sampling asks nothing of a tensor's value).
+_ERFCX_STAND_INS = {
+    _ndtr_tail_threshold(dt) + 1.0: tuple(
+        float(torch.special.erfcx(torch.tensor(a * _SQRT1_2, dtype=torch.float64)))
+        for a in (_ndtr_tail_threshold(dt) + 1.0, 1.0)
+    )
+    for dt in (torch.float32, torch.float64)
+}
 
 
 def _tail_excess(al: Tensor, be: Tensor, width: Tensor, u: Tensor, ubar: Tensor) -> tuple[Tensor]:
@@ -508,7 +551,18 @@ def _tail_excess(al: Tensor, be: Tensor, width: Tensor, u: Tensor, ubar: Tensor)
         g, slope = g_and_slope(al, ea, z, log_p)
         return ((z + g / slope.detach()).clamp(min=0.0),)
 
-    return _overlay(~moderate, by_newton, by_ndtri, al, log_p, ea)
+    far = _ndtr_tail_threshold(dtype) + 1.0
+    erfcx_far, erfcx_one = _ERFCX_STAND_INS[far]
+    return _overlay(
+        ~moderate,
+        by_newton,
+        by_ndtri,
+        al,
+        log_p,
+        ea,
+        safe_rare=(far, -1.0, erfcx_far),
+        safe_common=(1.0, -1.0, erfcx_one),
+    )
 
 
 def sample_offset(
@@ -547,14 +601,15 @@ def sample_offset(
     # the sign put back: negative when the quantile lies in the lower half.
     p = torch.minimum(p_low, p_high).clamp(min=torch.finfo(u.dtype).tiny)
     off = torch.copysign(torch.special.ndtri(p), p_low - p_high)
-    if bool(c.tail.any()):
-        # Tail: only on the samples of tail parameters, which overwrite the straddle values.
-        tail = c.tail.expand(shape).reshape(-1)
-        idx = tail.nonzero().squeeze(-1)
-
-        def pick(t):
-            return t.expand(shape).reshape(-1).index_select(0, idx)
-
-        (excess,) = _tail_excess(pick(c.alpha), pick(c.beta), pick(c.width), pick(u), pick(ubar))
-        off = off.reshape(-1).index_put((idx,), excess).reshape(shape)
+    # Tail: every sample, on a stand-in tail interval where its parameter straddles; the
+    # tail parameters' samples overwrite the straddle values.
+    tail = c.tail.expand(shape)
+    (excess,) = _tail_excess(
+        torch.where(c.tail, c.alpha, _SAFE_TAIL[0]).expand(shape),
+        torch.where(c.tail, c.beta, _SAFE_TAIL[1]).expand(shape),
+        torch.where(c.tail, c.width, _SAFE_TAIL[2]).expand(shape),
+        u,
+        ubar,
+    )
+    off = torch.where(tail, excess, off)
     return c.sign * off

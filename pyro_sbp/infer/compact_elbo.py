@@ -133,7 +133,20 @@ class CompactMeanField_ELBO(TraceMeanField_ELBO):
         log_prob = site["fn"].log_prob(site["value"])
         return scale_and_mask(log_prob, site["scale"], site["mask"]).sum()
 
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        """The negative ELBO as a differentiable tensor, with no host synchronisation (Pyro's
+        ``Trace_ELBO.differentiable_loss`` reads the loss back twice and checks it for NaN,
+        which would make a CUDA stream wait): check the loss where its value is needed."""
+        loss = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            loss = loss + self._loss_tensor(model_trace, guide_trace) / self.num_particles
+        return loss
+
     def _differentiable_loss_particle(self, model_trace, guide_trace):
+        loss = self._loss_tensor(model_trace, guide_trace)
+        return torch_item(loss), loss
+
+    def _loss_tensor(self, model_trace, guide_trace) -> torch.Tensor:
         elbo = 0.0
         for name, model_site in model_trace.nodes.items():
             if model_site["type"] != "sample":
@@ -150,8 +163,7 @@ class CompactMeanField_ELBO(TraceMeanField_ELBO):
                 assert guide_site["infer"].get("is_auxiliary")
                 _check_reparametrized(name, guide_site)
                 elbo = elbo - self._log_prob_sum(guide_site)
-        loss = -elbo
-        return torch_item(loss), loss
+        return -elbo
 
     def _kl_sum(self, model_site, guide_site) -> torch.Tensor:
         q, p = guide_site["fn"], model_site["fn"]

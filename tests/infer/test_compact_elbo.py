@@ -63,6 +63,24 @@ def test_the_same_loss_and_gradients_as_trace_mean_field(noise, kl_weight, valid
     assert CompactMeanField_ELBO().loss(model, guide, *args) == pytest.approx(expected, rel=1e-6)
 
 
+def test_differentiable_loss_is_trace_mean_fields_without_reading_it_back():
+    _, model, guide, x, y = _setup("example", 3.0)
+    idx = torch.arange(8, 24)
+    args = (x[idx], y[idx], idx)
+    out = {}
+    for elbo in (TraceMeanField_ELBO(), CompactMeanField_ELBO()):
+        pyro.set_rng_seed(5)
+        with poutine.trace(param_only=True) as capture:
+            loss = elbo.differentiable_loss(model, guide, *args)
+        params = {n: site["value"].unconstrained() for n, site in capture.trace.nodes.items()}
+        grads = torch.autograd.grad(loss, list(params.values()))
+        out[type(elbo).__name__] = (loss.detach(), dict(zip(params, grads, strict=True)))
+    (expected, expected_grads), (got, got_grads) = out.values()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0.0)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_the_kl_is_computed_once_per_unit():
     net, model, guide, x, y = _setup()
     idx = torch.arange(0, 32)

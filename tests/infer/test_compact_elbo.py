@@ -7,6 +7,7 @@ import torch
 from pyro import poutine
 from pyro.infer import TraceMeanField_ELBO
 from torch import nn
+from torch.distributions import kl_divergence
 
 from pyro_sbp.guides import SBPGuide
 from pyro_sbp.infer import CompactMeanField_ELBO
@@ -93,6 +94,23 @@ def test_the_kl_is_computed_once_per_unit():
         assert copies == 32
         assert q1.batch_shape == () and q1.event_shape == (gate.num_units,)
         assert p1.event_shape == (gate.num_units,)
+
+
+def test_the_gate_sites_share_one_kl_call(monkeypatch):
+    from pyro_sbp.infer import compact_elbo
+
+    calls = []
+
+    def counting(q, p):
+        calls.append(q.batch_shape)
+        return kl_divergence(q, p)
+
+    monkeypatch.setattr(compact_elbo, "kl_divergence", counting)
+    _, model, guide, x, y = _setup()
+    idx = torch.arange(0, 16)
+    CompactMeanField_ELBO().differentiable_loss(model, guide, x[idx], y[idx], idx)
+    # The two gate sites (6 + 4 units) in one call over their concatenated units.
+    assert calls == [torch.Size([10])]
 
 
 def test_sites_that_cannot_be_compacted_fall_back():

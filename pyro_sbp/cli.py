@@ -329,7 +329,8 @@ def _run_prune(args) -> int:
 
     if args.criterion is not None:
         parse_criterion(args.criterion)
-    trainer = Trainer.from_run(args.run_dir)
+    # progress: a bar for the criteria that pass over the data (elbo), on a terminal only.
+    trainer = Trainer.from_run(args.run_dir, progress=True)
     criterion = criterion_for_run(args.criterion, trainer.config.prune_criterion)
     trainer.guide.update_gates()
     loader = trainer._eval_loader()

@@ -381,7 +381,9 @@ def elbo_delta_f(
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(ev.chunks), desc="elbo ablation", unit="chunk", leave=False)
+            bar = tqdm(
+                total=len(ev.chunks), desc="elbo ablation", unit="chunk", leave=False, disable=None
+            )
         try:
             changes = _unit_log_lik_changes(ev, bar)
         finally:

@@ -157,6 +157,18 @@ def mills_gap_complement(x: Tensor, d: Tensor) -> Tensor:
     return torch.where(x < threshold, direct, series)
 
 
+#: Whether every branch runs on every element (``torch.where`` picks the result): no host
+#: synchronisation, the same work whatever the data, so that a CUDA stream never waits and a
+#: step can be traced or captured whole. ``None``: on every device but the CPU, where waiting is
+#: free and the rare branches are cheaper on their own elements only (``index_select``, after
+#: asking the mask whether there are any). Set it to ``True`` or ``False`` to force either.
+DENSE_BRANCHES: bool | None = None
+
+
+def _dense(t: Tensor) -> bool:
+    return DENSE_BRANCHES if DENSE_BRANCHES is not None else t.device.type != "cpu"
+
+
 def _overlay(
     mask: Tensor,
     fn_rare,
@@ -165,21 +177,34 @@ def _overlay(
     safe_rare: tuple[float, ...],
     safe_common: tuple[float, ...],
 ) -> tuple[Tensor, ...]:
-    """``fn_rare`` where ``mask`` holds, ``fn_common`` elsewhere, with no host synchronisation.
+    """``fn_rare`` where ``mask`` holds, ``fn_common`` elsewhere.
 
-    Both functions run on every element (they are element-wise: each takes and returns tensors
-    of the arguments' common shape, possibly with trailing working dims of its own), each on its
-    own elements and on ``safe_rare`` / ``safe_common`` (one value per argument, inside the
-    function's domain) in the others' places, so that both stay finite everywhere, values and
-    gradients, and ``torch.where`` picks the result. No branch depends on the data: the work is
-    the same whatever the mask, a CUDA stream never waits for the host, and a trace (CUDA graphs,
-    ``torch.jit.trace``) records the whole computation.
+    Both functions are element-wise (each takes and returns tensors of the arguments' common
+    shape, possibly with trailing working dims of its own). With dense branches
+    (:data:`DENSE_BRANCHES`) both run on every element, each on its own elements and on
+    ``safe_rare`` / ``safe_common`` (one value per argument, inside the function's domain) in the
+    others' places, so that both stay finite everywhere, values and gradients, and
+    ``torch.where`` picks the result: no branch depends on the data. Otherwise ``fn_common``
+    runs on every element (it must stay finite on all of them; its values and gradients are
+    discarded where ``mask`` holds) and ``fn_rare`` only on its own, which overwrite those.
     """
-    rare_args = [torch.where(mask, a, v) for a, v in zip(args, safe_rare, strict=True)]
-    common_args = [torch.where(mask, v, a) for a, v in zip(args, safe_common, strict=True)]
-    rare = fn_rare(*rare_args)
-    common = fn_common(*common_args)
-    return tuple(torch.where(mask, r, c) for r, c in zip(rare, common, strict=True))
+    if _dense(mask):
+        rare_args = [torch.where(mask, a, v) for a, v in zip(args, safe_rare, strict=True)]
+        common_args = [torch.where(mask, v, a) for a, v in zip(args, safe_common, strict=True)]
+        rare = fn_rare(*rare_args)
+        common = fn_common(*common_args)
+        return tuple(torch.where(mask, r, c) for r, c in zip(rare, common, strict=True))
+    shape = mask.shape
+    flat_mask = mask.reshape(-1)
+    flat_args = [a.reshape(-1) for a in args]
+    if bool(flat_mask.all()):
+        return tuple(r.reshape(shape) for r in fn_rare(*flat_args))
+    common = fn_common(*flat_args)
+    if not bool(flat_mask.any()):
+        return tuple(r.reshape(shape) for r in common)
+    idx = flat_mask.nonzero().squeeze(-1)
+    rare = fn_rare(*(a.index_select(0, idx) for a in flat_args))
+    return tuple(c.index_put((idx,), r).reshape(shape) for c, r in zip(common, rare, strict=True))
 
 
 #: In-domain stand-ins (alpha, beta, width) for the elements a branch does not own: a tail
@@ -601,15 +626,25 @@ def sample_offset(
     # the sign put back: negative when the quantile lies in the lower half.
     p = torch.minimum(p_low, p_high).clamp(min=torch.finfo(u.dtype).tiny)
     off = torch.copysign(torch.special.ndtri(p), p_low - p_high)
-    # Tail: every sample, on a stand-in tail interval where its parameter straddles; the
-    # tail parameters' samples overwrite the straddle values.
-    tail = c.tail.expand(shape)
-    (excess,) = _tail_excess(
-        torch.where(c.tail, c.alpha, _SAFE_TAIL[0]).expand(shape),
-        torch.where(c.tail, c.beta, _SAFE_TAIL[1]).expand(shape),
-        torch.where(c.tail, c.width, _SAFE_TAIL[2]).expand(shape),
-        u,
-        ubar,
-    )
-    off = torch.where(tail, excess, off)
+    if _dense(u):
+        # Tail: every sample, on a stand-in tail interval where its parameter straddles; the
+        # tail parameters' samples overwrite the straddle values.
+        (excess,) = _tail_excess(
+            torch.where(c.tail, c.alpha, _SAFE_TAIL[0]).expand(shape),
+            torch.where(c.tail, c.beta, _SAFE_TAIL[1]).expand(shape),
+            torch.where(c.tail, c.width, _SAFE_TAIL[2]).expand(shape),
+            u,
+            ubar,
+        )
+        off = torch.where(c.tail.expand(shape), excess, off)
+    elif bool(c.tail.any()):
+        # Tail: only on the samples of tail parameters, which overwrite the straddle values.
+        tail = c.tail.expand(shape).reshape(-1)
+        idx = tail.nonzero().squeeze(-1)
+
+        def pick(t):
+            return t.expand(shape).reshape(-1).index_select(0, idx)
+
+        (excess,) = _tail_excess(pick(c.alpha), pick(c.beta), pick(c.width), pick(u), pick(ubar))
+        off = off.reshape(-1).index_put((idx,), excess).reshape(shape)
     return c.sign * off

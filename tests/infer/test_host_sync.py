@@ -1,4 +1,8 @@
-"""No host synchronisation in a training step's gate path: counted by the profiler."""
+"""No host synchronisation in a training step's gate path: counted by the profiler.
+
+On CUDA the gate distributions take their branches densely (``_standard.DENSE_BRANCHES``);
+on the CPU, where waiting costs nothing, they ask the mask whether a rare branch is needed. The
+tests force the dense path on the CPU: the same code that runs on CUDA."""
 
 from collections import Counter
 
@@ -9,7 +13,7 @@ from torch import nn
 from torch.distributions import kl_divergence
 from torch.profiler import ProfilerActivity, profile
 
-from pyro_sbp.distributions import TruncatedLogNormal, TruncatedLogUniform
+from pyro_sbp.distributions import TruncatedLogNormal, TruncatedLogUniform, _standard
 from pyro_sbp.guides import SBPGuide
 from pyro_sbp.infer import CompactMeanField_ELBO
 from pyro_sbp.models import SBPModel, make_prunable
@@ -17,6 +21,11 @@ from pyro_sbp.models import SBPModel, make_prunable
 #: The events that make the host wait for the device (a value read back, or a data-dependent
 #: shape).
 SYNC_EVENTS = {"aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero"}
+
+
+@pytest.fixture(autouse=True)
+def _dense_branches(monkeypatch):
+    monkeypatch.setattr(_standard, "DENSE_BRANCHES", True)
 
 
 def _syncs(fn) -> Counter:
@@ -69,3 +78,11 @@ def test_sampling_and_the_statistics_of_gates_in_every_regime():
     run()
     assert _syncs(run) == Counter()
     assert torch.isfinite(loc.grad).all() and torch.isfinite(scale.grad).all()
+
+
+def test_on_the_cpu_the_sparse_path_asks(monkeypatch):
+    # The CPU default: the rare branches on their own elements (the counts show it is the other
+    # path, and that the test above would see a synchronisation if there were one).
+    monkeypatch.setattr(_standard, "DENSE_BRANCHES", None)
+    q = TruncatedLogNormal(torch.tensor([-45.0, 0.0]), torch.tensor([0.1, 1.0]), 2.0**-29, 1.0)
+    assert _syncs(lambda: q.rsample((8,))) != Counter()

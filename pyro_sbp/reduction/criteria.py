@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from pyro_sbp.distributions import TruncatedLogNormal, TruncatedLogUniform
 from pyro_sbp.models import gated_layer_name, is_input_gate, named_gates
-from pyro_sbp.reduction.delta_f import delta_f, snr
+from pyro_sbp.reduction.delta_f import delta_f, posterior64, snr
 from pyro_sbp.reduction.elbo_ablation import elbo_delta_f
 
 #: The criterion used when none is named (and a run did not prune during training): BMRS_U-4,
@@ -150,19 +150,7 @@ class PruningResult:
 
 def _posteriors64(guide) -> dict[str, tuple[TruncatedLogNormal, float, float]]:
     """Every gate's posterior in float64 on the CPU, with the gate's bounds."""
-    out = {}
-    with torch.no_grad():
-        for site, gate in guide._gates:
-            loc, log_scale = guide.params(site)
-            q = TruncatedLogNormal(
-                loc.detach().cpu().double(),
-                log_scale.detach().cpu().double().exp(),
-                gate.low,
-                gate.high,
-                validate_args=False,
-            )
-            out[site] = (q, gate.low, gate.high)
-    return out
+    return {site: posterior64(guide, site) for site, _ in guide._gates}
 
 
 def _l2_scores(net: nn.Module, site: str) -> Tensor:

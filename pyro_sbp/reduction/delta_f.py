@@ -198,6 +198,21 @@ def _delta_f_lognormal_loguniform_loguniform(q, p, r):
     return log_mass - (torch.log(r._width) - torch.log(p._width))
 
 
+def posterior64(guide, site: str) -> tuple[TruncatedLogNormal, float, float]:
+    """A gate site's posterior in float64 on the CPU (detached), with the gate's bounds."""
+    gate = dict(guide._gates)[site]
+    with torch.no_grad():
+        loc, log_scale = guide.params(site)
+        q = TruncatedLogNormal(
+            loc.detach().cpu().double(),
+            log_scale.detach().cpu().double().exp(),
+            gate.low,
+            gate.high,
+            validate_args=False,
+        )
+    return q, gate.low, gate.high
+
+
 def expected_theta(posterior: TruncatedLogNormal) -> Tensor:
     r""":math:`\mathbb E_q[\theta]`, the value a kept gate takes at test time."""
     return posterior.mean

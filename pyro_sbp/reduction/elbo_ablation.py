@@ -47,8 +47,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import kl_divergence
 
-from pyro_sbp.distributions import TruncatedLogNormal, TruncatedLogUniform
+from pyro_sbp.distributions import TruncatedLogUniform
 from pyro_sbp.models import gated_layer_name, is_input_gate, named_gates
+from pyro_sbp.reduction.delta_f import posterior64
 
 #: Training examples the expectations are estimated on (a seeded subsample; all when fewer).
 ELBO_EXAMPLES = 2048
@@ -113,14 +114,7 @@ def _draw_thetas(guide, gates, m: int, seed: int, device) -> dict[str, Tensor]:
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for site, gate in gates:
-        loc, log_scale = guide.params(site)
-        q = TruncatedLogNormal(
-            loc.detach().cpu().double(),
-            log_scale.detach().cpu().double().exp(),
-            gate.low,
-            gate.high,
-            validate_args=False,
-        )
+        q, _, _ = posterior64(guide, site)
         u = torch.rand((m, gate.num_units), generator=gen, dtype=torch.float64)
         out[site] = q.icdf(u).to(device=device, dtype=gate.mask.dtype)
     return out
@@ -131,17 +125,9 @@ def unit_kls(guide) -> dict[str, Tensor]:
     out = {}
     with torch.no_grad():
         for site, gate in guide._gates:
-            loc, log_scale = guide.params(site)
-            q = TruncatedLogNormal(
-                loc.detach().cpu().double(),
-                log_scale.detach().cpu().double().exp(),
-                gate.low,
-                gate.high,
-                validate_args=False,
-            )
-            low = torch.tensor(gate.low, dtype=torch.float64)
-            prior = TruncatedLogUniform(low, gate.high).expand([gate.num_units])
-            out[site] = kl_divergence(q, prior)
+            q, low, high = posterior64(guide, site)
+            prior = TruncatedLogUniform(torch.tensor(low, dtype=torch.float64), high)
+            out[site] = kl_divergence(q, prior.expand([gate.num_units]))
     return out
 
 

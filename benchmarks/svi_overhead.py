@@ -19,7 +19,10 @@ synchronisations (``_local_scalar_dense``, ``nonzero``) of one plain, one svi an
 step, before the timing, at the gates' initial posteriors (a gate that has moved beyond a bound
 takes the tail formulas, which cost more operations): ``ops``, ``ops_svi``, ``ops_plain``,
 ``ops_ratio`` (target <= 3) and ``host_syncs_svi`` (target 0). Operation counts are exact and
-machine-independent.
+machine-independent. On the CPU the gate distributions ask whether a rare branch is needed
+(``_standard.DENSE_BRANCHES``; waiting is free there); on CUDA they run every branch and
+synchronise nothing. ``peak_memory_bytes`` and ``peak_memory_ratio`` (target <= 2) are each
+step's peak from the profiler's memory timeline.
 
 Variants, timed in the same loop to show where the time goes (``--no-variants`` skips them):
 
@@ -423,7 +426,9 @@ def run(args) -> dict:
     steps, num_gates = build_steps(args, x, y, idx)
     # Counted first, at the gates' initial posteriors: the operations of a step depend on the
     # branches its gates take (a gate that moves beyond a bound takes the tail formulas).
-    ops = {name: count_ops(steps[name]) for name in ("plain", "svi", "svi_lean") if name in steps}
+    counted = [name for name in ("plain", "svi", "svi_lean") if name in steps]
+    ops = {name: count_ops(steps[name]) for name in counted}
+    peak = {name: peak_memory(steps[name]) for name in counted}
     names = list(steps)
     errors = {}
     with warnings.catch_warnings():
@@ -500,6 +505,12 @@ def run(args) -> dict:
     result["ops_plain"] = ops["plain"]["aten_calls"]
     result["ops_ratio"] = ops["svi"]["aten_calls"] / ops["plain"]["aten_calls"]
     result["host_syncs_svi"] = ops["svi"]["host_syncs"]
+    # Peak memory of one step (bytes, every category the profiler's memory timeline tracks:
+    # parameters, gradients, activations, optimiser state, temporaries); target ratio <= 2.
+    result["peak_memory_bytes"] = peak
+    result["peak_memory_ratio"] = peak["svi"] / peak["plain"]
+    if "svi_lean" in peak:
+        result["peak_memory_ratio_lean"] = peak["svi_lean"] / peak["plain"]
     if all(a in med and (b is None or b in med) for _, a, b in BREAKDOWN):
         result["breakdown_ms"] = {
             label: 1e3 * (med[a] - (med[b] if b else 0.0)) for label, a, b in BREAKDOWN
@@ -515,6 +526,24 @@ def run(args) -> dict:
 #: The operators at which the host waits for the device: every ``.item()``, ``bool(tensor)``
 #: and ``.all()`` / ``.any()`` test ends in ``_local_scalar_dense``; ``nonzero`` sizes its output.
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")
+
+
+def peak_memory(step) -> int:
+    """Peak CPU memory of one call of ``step`` in bytes, from ``torch.profiler``'s memory
+    timeline (the sum over its categories at each instant; tensors that exist before the call,
+    such as the parameters, count as the profiler infers them)."""
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    step()
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU],
+        profile_memory=True,
+        record_shapes=True,
+        with_stack=True,
+    ) as prof:
+        step()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    return int(max(sum(s) for s in sizes)) if sizes else 0
 
 
 def count_ops(step) -> dict:

@@ -158,10 +158,11 @@ def mills_gap_complement(x: Tensor, d: Tensor) -> Tensor:
 
 
 #: Whether every branch runs on every element (``torch.where`` picks the result): no host
-#: synchronisation, the same work whatever the data, so that a CUDA stream never waits and a
-#: step can be traced or captured whole. ``None``: on every device but the CPU, where waiting is
-#: free and the rare branches are cheaper on their own elements only (``index_select``, after
-#: asking the mask whether there are any). Set it to ``True`` or ``False`` to force either.
+#: synchronisation, the same work whatever the data, so that a CUDA stream never waits (what
+#: tracing a step or capturing it in a CUDA graph needs). ``None``: on every device but the
+#: CPU, where waiting is free and the rare branches are cheaper on their own elements only
+#: (``index_select``, after asking the mask whether there are any). ``True`` or ``False``
+#: forces either.
 DENSE_BRANCHES: bool | None = None
 
 

@@ -1,22 +1,21 @@
-"""Fashion-MNIST: the BMRS paper's networks and criteria, and SBP's LeNet5-Caffe, side by side
-with the published figures.
+"""Fashion-MNIST: the library's default recipe on the BMRS paper's networks and SBP's
+LeNet5-Caffe, at several KL weights, side by side with the published figures.
 
-For each network and seed the script fits one gated network (pretraining, then SVI with the
-ELBO whose KL counts every unit once against the whole data set's likelihood), then for every
-criterion: computes the keep-masks from the fitted posterior, fine-tunes with the masks frozen
-(``--finetune-epochs`` SVI epochs; the unpruned ``none`` row gets the same epochs) and measures
-test accuracy, units and parameters removed (of the exported, physically smaller network).
-L2, E[theta] and SNR are matched to BMRS_N's compression (``match:BASE:bmrs-n``), as the BMRS
-paper does; ``snr:1`` is SBP's own rule and ``bmrs-n-published`` is the published BMRS code's
-Delta F_N (ours + log(2 pi)/2, see docs/math.md), to show where the paper's compression comes
-from. LeNet5-Caffe (SBP's recipe on 28x28 inputs) is pruned by BMRS_N, SNR > 1 and the others,
-with units per layer, test error, FLOPs reduction and the realised CPU speed-up (one thread,
-batch 256).
+For each network and seed the script runs :func:`pyro_sbp.infer.sweep.run_sweep`, i.e. what
+``pyro-sbp sweep`` does: the network is pretrained once (the reference, "unpruned"), then fitted
+at every KL weight of its grid with the default criterion (``bmrs-u:4``) pruning during training
+(masks recomputed after each SVI epoch), fine-tuned with the masks frozen and the
+best-validation epoch kept. Each point is measured on the test split: accuracy, units and
+parameters removed, FLOPs reduction and the realised CPU speed-up of the exported network
+(batch 256, one thread). The KL weight is then picked as the sweep's ``--max-accuracy-drop``
+does, on the validation split and on the mean over seeds: the smallest network within 2 points
+of the reference (BMRS networks) or 1 point (LeNet5-Caffe); those are the ``recommended``
+entries. LeNet5-Caffe gets SBP's input gate on its first dense layer (``classifier.1``).
 
-Fits run in ``--jobs`` processes of one torch thread each; every finished (network, seed) is
-kept in ``--work-dir``, so an interrupted benchmark continues where it stopped. Writes
-``benchmarks/results/fashion_mnist.json`` (top-level ``rows``) and renders
-``docs/results/fashion_mnist.md`` from it.
+Fits run in ``--jobs`` processes of one torch thread each; every fit is an ordinary resumable
+run directory in ``--work-dir``, so an interrupted benchmark continues where it stopped. Writes
+``benchmarks/results/fashion_mnist.json`` (``rows``, ``recommended``, ``targets``) and renders
+``docs/results/fashion_mnist.md`` with the frontier plots from it.
 
     python benchmarks/fashion_mnist.py            # the full benchmark (3 seeds)
     python benchmarks/fashion_mnist.py --quick    # a pipeline check on a subset, one seed
@@ -41,60 +40,46 @@ import torch
 from torch.utils.data import TensorDataset
 
 from pyro_sbp.data import load_dataset
-from pyro_sbp.export import compare, count_flops, count_parameters, export_full, export_pruned
+from pyro_sbp.export import compare, export_full, export_pruned
 from pyro_sbp.infer import TrainConfig, Trainer
-from pyro_sbp.infer.trainer import evaluate
-from pyro_sbp.models import named_gates
-from pyro_sbp.reduction import apply_masks, compute_masks
+from pyro_sbp.infer.sweep import run_sweep
+from pyro_sbp.reduction import DEFAULT_CRITERION
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "fashion_mnist.json"
 QUICK_RESULTS = ROOT / "benchmarks" / "results" / "fashion_mnist_quick.json"
 DOC = ROOT / "docs" / "results" / "fashion_mnist.md"
 
-#: Row name -> criterion given to :func:`pyro_sbp.reduction.compute_masks` (None: no pruning).
-BMRS_CRITERIA = {
-    "none": None,
-    "l2": "match:l2:bmrs-n",
-    "mean": "match:mean:bmrs-n",
-    "snr": "match:snr:bmrs-n",
-    "bmrs-n": "bmrs-n",
-    "bmrs-u:8": "bmrs-u:8",
-    "bmrs-u:4": "bmrs-u:4",
-    "bmrs-u-low:4": "bmrs-u-low:4",
-    "snr:1": "snr:1",
-    "bmrs-n-published": "bmrs-n-published",
-    # BMRS_N removes no unit here (see docs/math.md), so the baselines are also compared at
-    # BMRS_U-4's compression.
-    "match:l2:bmrs-u:4": "match:l2:bmrs-u:4",
-    "match:mean:bmrs-u:4": "match:mean:bmrs-u:4",
-    "match:snr:bmrs-u:4": "match:snr:bmrs-u:4",
-}
-SBP_CRITERIA = {
-    "none": None,
-    "bmrs-n": "bmrs-n",
-    "snr:1": "snr:1",
-    "bmrs-u:4": "bmrs-u:4",
-    "bmrs-n-published": "bmrs-n-published",
-}
-
-#: Training settings per network: (full, quick). Learning rates are the BMRS paper's Adam 1e-3
-#: for the weights; the gates get their own rate (SBP's recipe).
+#: Per network: the recipe's epochs (full, quick), the KL weights, the accuracy drop allowed
+#: (points, on validation) when picking the weight, and the network's options. Weights Adam 1e-3,
+#: beta1 0.95; gates GATE_LR.
 SETTINGS = {
     "bmrs-mlp": {
-        "full": dict(pretrain_epochs=5, epochs=20, finetune_epochs=1),
-        "quick": dict(pretrain_epochs=1, epochs=2, finetune_epochs=1),
+        "full": dict(pretrain_epochs=10, epochs=6, finetune_epochs=2),
+        "quick": dict(pretrain_epochs=1, epochs=1, finetune_epochs=1),
+        "kl_weights": [30.0, 100.0, 200.0, 300.0],
+        "quick_kl_weights": [100.0],
+        "max_accuracy_drop": 2.0,
         "resize": 32,
+        "input_gates": [],
     },
     "bmrs-lenet5": {
-        "full": dict(pretrain_epochs=5, epochs=15, finetune_epochs=1),
-        "quick": dict(pretrain_epochs=1, epochs=2, finetune_epochs=1),
+        "full": dict(pretrain_epochs=10, epochs=6, finetune_epochs=2),
+        "quick": dict(pretrain_epochs=1, epochs=1, finetune_epochs=1),
+        "kl_weights": [30.0, 100.0, 200.0, 300.0],
+        "quick_kl_weights": [100.0],
+        "max_accuracy_drop": 2.0,
         "resize": 32,
+        "input_gates": [],
     },
     "lenet5-caffe": {
-        "full": dict(pretrain_epochs=3, epochs=12, finetune_epochs=1),
+        "full": dict(pretrain_epochs=5, epochs=6, finetune_epochs=2),
         "quick": dict(pretrain_epochs=1, epochs=1, finetune_epochs=1),
+        "kl_weights": [10.0, 20.0, 30.0, 100.0],
+        "quick_kl_weights": [30.0],
+        "max_accuracy_drop": 1.0,
         "resize": None,
+        "input_gates": ["classifier.1"],
     },
 }
 GATE_LR = 0.05
@@ -119,9 +104,11 @@ PUBLISHED = [
 ]
 #: SBP paper, LeNet5-Caffe on MNIST: widths 3-18-284-283, 10.49x fewer FLOPs, 5.41x on CPU.
 SBP_PUBLISHED = {"widths": "3-18-284-283", "flops_reduction": 10.49, "cpu_speedup": 5.41}
+#: The issue's targets (test accuracy, mean of the seeds, the recommended point).
 TARGETS = {
-    "bmrs-lenet5": {"units_removed_min": 85.0, "accuracy_drop_max": 2.0},
-    "bmrs-mlp": {"units_removed_min": 90.0, "accuracy_drop_max": 2.0},
+    "bmrs-lenet5": {"units_removed_min": 88.0, "accuracy_drop_max": 2.0},
+    "bmrs-mlp": {"units_removed_min": 93.0, "accuracy_drop_max": 2.0},
+    "lenet5-caffe": {"flops_reduction_min": 8.0, "accuracy_drop_max": 1.0, "cpu_speedup_min": 4.0},
 }
 
 
@@ -138,142 +125,257 @@ def _splits(network: str, seed: int, data_dir, quick: bool):
     return splits
 
 
-def _evaluate_criterion(run: Path, config, splits, name, criterion, finetune, speed):
-    """Load the fitted run, prune with ``criterion``, fine-tune, and measure."""
-    trainer = Trainer(config, run, resume=True, progress=False, splits=splits)
-    trainer.out_dir = None  # the fitted checkpoint stays as it is
-    if criterion is not None:
-        apply_masks(trainer.net, compute_masks(trainer.net, trainer.guide, criterion))
-    trainer.config.finetune_epochs = finetune
-    trainer.fit()
+def _speedup(run_dir: Path, splits) -> float:
+    """The exported pruned network's CPU speed-up over the full one (batch 256, one thread);
+    cached in the run directory."""
+    cache = run_dir / "bench_speed.json"
+    if cache.exists():
+        return json.loads(cache.read_text())["cpu_speedup"]
+    trainer = Trainer.from_run(run_dir, splits=splits)
     trainer.guide.update_gates()
-    accuracy = evaluate(trainer.net, trainer.loaders["test"], trainer.device)
     shape = tuple(trainer.input_shape)
     full, pruned = export_full(trainer.net, shape), export_pruned(trainer.net, shape)
-    units = {s: [int(g.mask.sum()), g.num_units] for s, g in named_gates(trainer.net)}
-    kept, total = sum(k for k, _ in units.values()), sum(n for _, n in units.values())
-    params_full, params_pruned = count_parameters(full), count_parameters(pruned)
-    out = {
-        "criterion": name,
-        "spec": criterion,
-        "accuracy": 100 * accuracy,
-        "units": units,
-        "compression_units": 100 * (1 - kept / total),
-        "params_full": params_full,
-        "params_pruned": params_pruned,
-        "compression_params": 100 * (1 - params_pruned / params_full),
-        "flops_reduction": count_flops(full, shape) / max(count_flops(pruned, shape), 1),
-    }
-    if speed:
-        result = compare(full, pruned, shape, batch_sizes=(256,), min_run_time=1.0)
-        out["cpu_speedup"] = result["latency"][0]["speedup"]
-    return out
+    result = compare(full, pruned, shape, batch_sizes=(256,), min_run_time=1.0)
+    speedup = result["latency"][0]["speedup"]
+    cache.write_text(json.dumps({"cpu_speedup": speedup}) + "\n")
+    return speedup
 
 
 def run_task(task: dict) -> dict:
-    """Fit one (network, seed) and evaluate every criterion on it; cached in the work dir (a
-    criterion added later is evaluated on the cached fit, the others are read back)."""
+    """One (network, seed): the sweep over the network's KL weights, every point measured."""
     torch.set_num_threads(1)
     network, seed, quick = task["network"], task["seed"], task["quick"]
-    run = Path(task["work_dir"]) / f"{network}-seed{seed}"
-    done = run / "result.json"
-    criteria = SBP_CRITERIA if network == "lenet5-caffe" else BMRS_CRITERIA
-    cached = json.loads(done.read_text()) if done.exists() else None
-    if cached is not None and {r["criterion"] for r in cached["results"]} >= set(criteria):
-        return cached
-    run.mkdir(parents=True, exist_ok=True)
+    settings = SETTINGS[network]
+    epochs = settings["quick" if quick else "full"]
+    weights = settings["quick_kl_weights" if quick else "kl_weights"]
     start = time.perf_counter()
-    s = SETTINGS[network]["quick" if quick else "full"]
     splits = _splits(network, seed, task["data_dir"], quick)
     config = TrainConfig(
         model=network,
         dataset="fashion-mnist",
         data_dir=task["data_dir"],
-        resize=SETTINGS[network]["resize"],
-        pretrain_epochs=s["pretrain_epochs"],
-        epochs=s["epochs"],
+        resize=settings["resize"],
+        input_gates=list(settings["input_gates"]),
         gate_lr=GATE_LR,
+        keep_best=True,
         seed=seed,
+        **epochs,
     )
-    resume = (run / "checkpoint.pt").exists()
-    trainer = Trainer(config, run, resume=resume, progress=False, splits=splits)
-    trainer.fit()
-    fit_seconds = time.perf_counter() - start
-    before = {r["criterion"]: r for r in cached["results"]} if cached else {}
-    results = []
-    speed = network == "lenet5-caffe"
-    for name, criterion in criteria.items():
-        if name in before:
-            results.append(before[name])
-            continue
-        finetune = s["finetune_epochs"]
-        results.append(_evaluate_criterion(run, config, splits, name, criterion, finetune, speed))
-        r = results[-1]
+    out = Path(task["work_dir"]) / f"{network}-seed{seed}"
+    record = run_sweep(
+        config,
+        weights,
+        out,
+        criterion=DEFAULT_CRITERION,
+        max_accuracy_drop=settings["max_accuracy_drop"],
+        progress=False,
+        splits=splits,
+    )
+    ref = record["reference"]
+    points = []
+    for p in record["points"]:
+        total = sum(p["units_total"].values())
+        points.append(
+            {
+                "kl_weight": p["kl_weight"],
+                "val_accuracy": 100 * p["val_accuracy"],
+                "accuracy": 100 * p["test_accuracy"],
+                "units": {s: [p["units_kept"][s], n] for s, n in p["units_total"].items()},
+                "compression_units": 100 * (1 - sum(p["units_kept"].values()) / total),
+                "compression_params": 100 * (1 - p["params"] / ref["params"]),
+                "flops_reduction": ref["flops"] / max(p["flops"], 1),
+                "cpu_speedup": _speedup(Path(p["run_dir"]), splits),
+            }
+        )
         print(
-            f"{network} seed {seed} {name:<17} removed {r['compression_units']:5.1f}% units, "
-            f"{r['compression_params']:5.1f}% params, test accuracy {r['accuracy']:.2f}%",
+            f"{network} seed {seed} KL {p['kl_weight']:g}: removed "
+            f"{points[-1]['compression_units']:5.1f}% units, test accuracy "
+            f"{points[-1]['accuracy']:.2f}% (reference {100 * ref['test_accuracy']:.2f}%)",
             flush=True,
         )
-    out = {
+    return {
         "network": network,
         "seed": seed,
-        "settings": s | {"gate_lr": GATE_LR, "train_examples": splits.num_train},
-        # Process time over every invocation that worked on this (network, seed).
-        "fit_seconds": fit_seconds + (cached["fit_seconds"] if cached else 0.0),
-        "seconds": time.perf_counter() - start + (cached["seconds"] if cached else 0.0),
-        "results": results,
+        "settings": epochs | {"gate_lr": GATE_LR, "train_examples": splits.num_train},
+        "criterion": record["criterion"],
+        "reference": {
+            "val_accuracy": 100 * ref["val_accuracy"],
+            "accuracy": 100 * ref["test_accuracy"],
+            "params": ref["params"],
+            "flops": ref["flops"],
+        },
+        "points": points,
+        "seconds_this_invocation": time.perf_counter() - start,
     }
-    done.write_text(json.dumps(out, indent=1) + "\n")
-    return out
 
 
-def _aggregate(task_results: list[dict]) -> list[dict]:
-    rows = []
+def _mean_sd(values):
+    values = list(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), sd
+
+
+def _aggregate(task_results: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Rows (the reference and one per KL weight, means over seeds) and the recommended point
+    of each network."""
+    rows, recommended = [], []
     by_network: dict[str, list[dict]] = {}
     for t in sorted(task_results, key=lambda t: (t["network"], t["seed"])):
         by_network.setdefault(t["network"], []).append(t)
     for network, tasks in by_network.items():
-        for name in [r["criterion"] for r in tasks[0]["results"]]:
-            per_seed = [next(r for r in t["results"] if r["criterion"] == name) for t in tasks]
+        seeds = [t["seed"] for t in tasks]
+        ref_val, _ = _mean_sd(t["reference"]["val_accuracy"] for t in tasks)
+        ref_acc, ref_sd = _mean_sd(t["reference"]["accuracy"] for t in tasks)
+        rows.append(
+            {
+                "network": network,
+                "criterion": "none",
+                "kl_weight": None,
+                "val_accuracy_mean": ref_val,
+                "accuracy_mean": ref_acc,
+                "accuracy_std": ref_sd,
+                "compression_units_mean": 0.0,
+                "compression_units_std": 0.0,
+                "compression_params_mean": 0.0,
+                "compression_params_std": 0.0,
+                "flops_reduction_mean": 1.0,
+                "flops_reduction_std": 0.0,
+                "cpu_speedup_mean": 1.0,
+                "cpu_speedup_std": 0.0,
+                "seeds": seeds,
+            }
+        )
+        network_rows = []
+        for w in [p["kl_weight"] for p in tasks[0]["points"]]:
+            per_seed = [next(p for p in t["points"] if p["kl_weight"] == w) for t in tasks]
+            row = {"network": network, "criterion": tasks[0]["criterion"], "kl_weight": w}
+            for key in (
+                "val_accuracy",
+                "accuracy",
+                "compression_units",
+                "compression_params",
+                "flops_reduction",
+                "cpu_speedup",
+            ):
+                row[f"{key}_mean"], row[f"{key}_std"] = _mean_sd(p[key] for p in per_seed)
+            row["units"] = [p["units"] for p in per_seed]
+            row["seeds"] = seeds
+            network_rows.append(row)
+        rows += network_rows
+        drop = SETTINGS[network]["max_accuracy_drop"]
+        ok = [r for r in network_rows if ref_val - r["val_accuracy_mean"] <= drop + 1e-9]
+        if ok:
+            best = max(ok, key=lambda r: (r["compression_params_mean"], -r["kl_weight"]))
+            recommended.append(
+                {
+                    "network": network,
+                    "criterion": best["criterion"],
+                    "kl_weight": best["kl_weight"],
+                    "max_accuracy_drop": drop,
+                    "compression_units_mean": best["compression_units_mean"],
+                    "accuracy_mean": best["accuracy_mean"],
+                    "accuracy_unpruned_mean": ref_acc,
+                    "val_accuracy_mean": best["val_accuracy_mean"],
+                    "val_accuracy_unpruned_mean": ref_val,
+                    "flops_reduction_mean": best["flops_reduction_mean"],
+                    "cpu_speedup_mean": best["cpu_speedup_mean"],
+                    "seeds": seeds,
+                }
+            )
+    return rows, recommended
 
-            def stats(key, per_seed=per_seed):
-                values = [r[key] for r in per_seed]
-                sd = statistics.stdev(values) if len(values) > 1 else 0.0
-                return statistics.fmean(values), sd
 
-            row = {"network": network, "criterion": name, "spec": per_seed[0]["spec"]}
-            for key, field in [
-                ("compression_units", "compression_units"),
-                ("compression_params", "compression_params"),
-                ("accuracy", "accuracy"),
-                ("flops_reduction", "flops_reduction"),
-            ]:
-                row[f"{field}_mean"], row[f"{field}_std"] = stats(key)
-            if "cpu_speedup" in per_seed[0]:
-                row["cpu_speedup_mean"], row["cpu_speedup_std"] = stats("cpu_speedup")
-            row["units"] = [r["units"] for r in per_seed]
-            row["seeds"] = [t["seed"] for t in tasks]
-            rows.append(row)
-    return rows
-
-
-def _targets(rows: list[dict]) -> dict:
+def _targets(recommended: list[dict]) -> dict:
     out = {}
-    for network, t in TARGETS.items():
-        get = {r["criterion"]: r for r in rows if r["network"] == network}
-        if "bmrs-n" not in get:
+    for r in recommended:
+        t = TARGETS.get(r["network"])
+        if t is None:
             continue
-        removed = get["bmrs-n"]["compression_units_mean"]
-        drop = get["none"]["accuracy_mean"] - get["bmrs-n"]["accuracy_mean"]
-        out[network] = {
-            "criterion": "bmrs-n",
-            "units_removed": removed,
-            "accuracy_drop": drop,
-            "units_removed_min": t["units_removed_min"],
-            "accuracy_drop_max": t["accuracy_drop_max"],
-            "met": removed >= t["units_removed_min"] and drop <= t["accuracy_drop_max"],
-        }
+        drop = r["accuracy_unpruned_mean"] - r["accuracy_mean"]
+        met = drop <= t["accuracy_drop_max"]
+        entry = dict(t, accuracy_drop=drop, kl_weight=r["kl_weight"])
+        if "units_removed_min" in t:
+            entry["units_removed"] = r["compression_units_mean"]
+            met = met and r["compression_units_mean"] >= t["units_removed_min"]
+        if "flops_reduction_min" in t:
+            entry["flops_reduction"] = r["flops_reduction_mean"]
+            entry["cpu_speedup"] = r["cpu_speedup_mean"]
+            met = met and r["flops_reduction_mean"] >= t["flops_reduction_min"]
+            met = met and r["cpu_speedup_mean"] >= t["cpu_speedup_min"]
+        entry["met"] = met
+        out[r["network"]] = entry
     return out
+
+
+def plot_frontiers(data: dict, directory: Path) -> list[Path]:
+    """One PNG per network: units removed and FLOPs reduction against test accuracy (mean and
+    standard deviation over seeds, one point per KL weight), the reference and the published
+    points overlaid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    published = [p for p in data["published"]]
+    for network in SETTINGS:
+        rows = [r for r in data["rows"] if r["network"] == network and r["kl_weight"] is not None]
+        if not rows:
+            continue
+        ref = next(r for r in data["rows"] if r["network"] == network and r["kl_weight"] is None)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, key, label in (
+            (axes[0], "compression_units", "units removed (%)"),
+            (axes[1], "flops_reduction", "FLOPs reduction (x)"),
+        ):
+            xs = [r[f"{key}_mean"] for r in rows]
+            ax.errorbar(
+                xs,
+                [r["accuracy_mean"] for r in rows],
+                xerr=[r[f"{key}_std"] for r in rows],
+                yerr=[r["accuracy_std"] for r in rows],
+                fmt="o-",
+                color="tab:blue",
+                label=f"this library ({rows[0]['criterion']}), by KL weight",
+            )
+            for r, x in zip(rows, xs, strict=True):
+                ax.annotate(
+                    f"{r['kl_weight']:g}",
+                    (x, r["accuracy_mean"]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                )
+            ax.axhline(ref["accuracy_mean"], color="k", lw=0.7, label="unpruned (reference)")
+            ax.set_xlabel(label)
+            ax.set_ylabel("test accuracy (%)")
+            if key == "flops_reduction":
+                ax.set_xscale("log")
+        pubs = [p for p in published if p["network"] == network and p["criterion"] != "none"]
+        for p in pubs:
+            axes[0].plot(p["compression_units_mean"], p["accuracy_mean"], "x", color="tab:red")
+            axes[0].annotate(
+                p["criterion"],
+                (p["compression_units_mean"], p["accuracy_mean"]),
+                textcoords="offset points",
+                xytext=(3, -10),
+                fontsize=7,
+                color="tab:red",
+            )
+        if network == "lenet5-caffe":
+            sbp = data["sbp_published"]
+            axes[1].axvline(
+                sbp["flops_reduction"], color="tab:red", ls="--", lw=0.8, label="SBP (MNIST)"
+            )
+        for ax in axes:
+            ax.legend(fontsize=7, loc="lower left")
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"{network} on Fashion-MNIST (published: red, where known)")
+        fig.tight_layout()
+        path = directory / f"fashion_mnist_{network}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
 
 
 def _fmt(mean, sd, digits=2):
@@ -283,85 +385,110 @@ def _fmt(mean, sd, digits=2):
 def render(data: dict) -> str:
     """The docs page (Markdown) for the benchmark's JSON."""
     quick = data.get("quick", False)
+    name = "fashion_mnist_quick.json" if quick else "fashion_mnist.json"
     lines = [
         "# Fashion-MNIST benchmark",
         "",
         "Generated by `python benchmarks/fashion_mnist.py"
         + (" --quick" if quick else "")
-        + "` from `benchmarks/results/"
-        + ("fashion_mnist_quick.json" if quick else "fashion_mnist.json")
-        + "`; do not edit by hand.",
+        + f"` from `benchmarks/results/{name}`; do not edit by hand.",
         "",
-        f"Seeds {data['seeds']}; {sum(data.get('task_seconds', {}).values()) / 60:.1f} min of "
-        "process time for all fits and evaluations (summed over the invocations that made "
-        f"them); the last invocation took {data['wall_seconds'] / 60:.1f} min wall on "
-        f"{data['jobs']} processes of one thread ({data['machine']}, torch {data['torch']}). "
-        "Each network is fitted once per seed; every criterion then prunes that fit and "
-        f"fine-tunes it with frozen masks. Gate learning rate {GATE_LR}; weights Adam 1e-3, "
-        "beta1 0.95; batch 128; 80/20 train/validation split; test on the official 10,000.",
+        f"Seeds {data['seeds']}; the last invocation took {data['wall_seconds'] / 60:.1f} min "
+        f"wall on {data['jobs']} processes of one thread ({data['machine']}, torch "
+        f"{data['torch']}). The library's default recipe (`pyro-sbp sweep`): each network is "
+        'pretrained once (the reference, "none"), then fitted at each KL weight with '
+        f"`{DEFAULT_CRITERION}` pruning during training (masks recomputed after every SVI "
+        "epoch), fine-tuned with the masks frozen, the best-validation epoch kept. Gate "
+        f"learning rate {GATE_LR}; weights Adam 1e-3, beta1 0.95; batch 128; 80/20 "
+        "train/validation split; test on the official 10,000. Epochs per network: "
+        + "; ".join(
+            f"{n} {s['full']['pretrain_epochs']} pretraining + {s['full']['epochs']} SVI + "
+            f"{s['full']['finetune_epochs']} fine-tuning"
+            for n, s in SETTINGS.items()
+        )
+        + ".",
         "",
-        "Compression is the % of gated units removed (and of the exported network's "
-        "parameters); accuracy is test accuracy in %; mean ± standard deviation over seeds. "
-        "`l2`, `mean` and `snr` are matched to `bmrs-n`'s compression, the `match:BASE:bmrs-u:4` "
-        "rows to BMRS_U-4's (BMRS_N removes nothing here). `bmrs-n-published` is "
-        "the published BMRS code's ΔF_N, which is ours + ½ log 2π (see docs/math.md).",
+        "Accuracy is test accuracy in % (validation in its own column), compression the % of "
+        "gated units (and of the exported network's parameters) removed, FLOPs reduction and "
+        "CPU speed-up (batch 256, one thread, measured while the other process trains on the "
+        "second core) of the exported pruned network against the full one; mean ± standard "
+        "deviation over seeds. The KL weight is picked on validation, as "
+        "`pyro-sbp sweep --max-accuracy-drop` does.",
         "",
+        "## Recommended (the default recipe at the KL weight picked on validation)",
+        "",
+        "| network | KL weight | allowed drop (val) | units removed % | test accuracy % "
+        "| unpruned % | FLOPs reduction | CPU speed-up | target |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    for r in data["recommended"]:
+        t = data["targets"].get(r["network"], {})
+        verdict = ("met" if t.get("met") else "not met") if t else "-"
+        lines.append(
+            f"| {r['network']} | {r['kl_weight']:g} | {r['max_accuracy_drop']:g} | "
+            f"{r['compression_units_mean']:.2f} | {r['accuracy_mean']:.2f} | "
+            f"{r['accuracy_unpruned_mean']:.2f} | {r['flops_reduction_mean']:.2f}x | "
+            f"{r['cpu_speedup_mean']:.2f}x | {verdict} |"
+        )
+    lines += ["", "Targets (test accuracy, mean of the seeds):", ""]
+    for network, t in data["targets"].items():
+        if "units_removed_min" in t:
+            want = f">= {t['units_removed_min']:g}% of units removed"
+            got = f"{t['units_removed']:.2f}%"
+        else:
+            want = (
+                f">= {t['flops_reduction_min']:g}x fewer FLOPs and >= {t['cpu_speedup_min']:g}x "
+                "on the CPU"
+            )
+            got = f"{t['flops_reduction']:.2f}x and {t['cpu_speedup']:.2f}x"
+        lines.append(
+            f"- {network}: {want} within {t['accuracy_drop_max']:g} "
+            f"point{'' if t['accuracy_drop_max'] == 1 else 's'} of the unpruned "
+            f"network: {got} at {t['accuracy_drop']:+.2f} points below it (KL weight "
+            f"{t['kl_weight']:g}): **{'met' if t['met'] else 'not met'}**."
+        )
     published = {(n, c): p for n, c, *p in PUBLISHED}
-    for network in ("bmrs-mlp", "bmrs-lenet5"):
+    for network in SETTINGS:
         rows = [r for r in data["rows"] if r["network"] == network]
         if not rows:
             continue
         lines += [
+            "",
             f"## {network}",
             "",
-            "| criterion | units removed % | params removed % | accuracy % "
-            "| published units removed % | published accuracy % |",
-            "|---|---|---|---|---|---|",
+            f"![{network} frontier](fashion_mnist_{network}.png)",
+            "",
+            "| criterion | KL weight | units removed % | params removed % | val accuracy % "
+            "| test accuracy % | FLOPs reduction | CPU speed-up | units per layer (seed "
+            f"{rows[0]['seeds'][0]}) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
-            p = published.get((network, r["criterion"]))
-            pub = f"{_fmt(p[0], p[1])} | {_fmt(p[2], p[3])}" if p else "- | -"
+            widths = "-".join(str(k) for k, _ in r["units"][0].values()) if "units" in r else "all"
+            kl = "-" if r["kl_weight"] is None else f"{r['kl_weight']:g}"
             lines.append(
-                f"| `{r['criterion']}` | "
+                f"| `{r['criterion']}` | {kl} | "
                 f"{_fmt(r['compression_units_mean'], r['compression_units_std'])} | "
                 f"{_fmt(r['compression_params_mean'], r['compression_params_std'])} | "
-                f"{_fmt(r['accuracy_mean'], r['accuracy_std'])} | {pub} |"
+                f"{r['val_accuracy_mean']:.2f} | {_fmt(r['accuracy_mean'], r['accuracy_std'])} | "
+                f"{r['flops_reduction_mean']:.2f}x | {r['cpu_speedup_mean']:.2f}x | {widths} |"
             )
-        t = data["targets"].get(network)
-        if t:
+        pubs = [(c, p) for (n, c), p in published.items() if n == network]
+        if pubs:
             lines += [
                 "",
-                f"Target (BMRS_N removes ≥ {t['units_removed_min']:g}% of units within "
-                f"{t['accuracy_drop_max']:g} points of `none`): removed "
-                f"{t['units_removed']:.2f}%, accuracy {t['accuracy_drop']:+.2f} points below "
-                f"`none`: **{'met' if t['met'] else 'not met'}**.",
+                "Published (BMRS paper, 10 seeds, from scratch, 50 epochs): "
+                + "; ".join(f"`{c}` {p[0]:.2f}% removed at {p[2]:.2f}% accuracy" for c, p in pubs)
+                + ".",
             ]
-        lines.append("")
-    rows = [r for r in data["rows"] if r["network"] == "lenet5-caffe"]
-    if rows:
-        lines += [
-            "## LeNet5-Caffe (SBP: pretraining, then SVI)",
-            "",
-            "| criterion | units per layer (conv1-conv2-fc1) | test error % "
-            "| FLOPs reduction | CPU speed-up (batch 256, 1 thread) |",
-            "|---|---|---|---|---|",
-        ]
-        for r in rows:
-            widths = "-".join(str(k) for k, _ in r["units"][0].values())
-            lines.append(
-                f"| `{r['criterion']}` | {widths} | {100 - r['accuracy_mean']:.2f} | "
-                f"{r['flops_reduction_mean']:.2f}x | {r['cpu_speedup_mean']:.2f}x |"
-            )
-        sbp = SBP_PUBLISHED
-        lines += [
-            "",
-            f"SBP paper (MNIST): {sbp['widths']}, {sbp['flops_reduction']}x fewer FLOPs, "
-            f"{sbp['cpu_speedup']}x on CPU. The speed-up here is measured while the other "
-            "process trains on the second core.",
-            "",
-        ]
-    return "\n".join(lines)
+        if network == "lenet5-caffe":
+            sbp = SBP_PUBLISHED
+            lines += [
+                "",
+                f"SBP paper (MNIST, 200 epochs): {sbp['widths']}, {sbp['flops_reduction']}x fewer "
+                f"FLOPs, {sbp['cpu_speedup']}x on CPU.",
+            ]
+    return "\n".join(lines) + "\n"
 
 
 def _check_data(data_dir) -> None:
@@ -377,7 +504,7 @@ def _check_data(data_dir) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="pipeline check, about 10 minutes")
+    parser.add_argument("--quick", action="store_true", help="pipeline check, under 10 minutes")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--jobs", type=int, default=2, help="processes (one thread each)")
     parser.add_argument("--data-dir", default=None)
@@ -387,16 +514,15 @@ def main() -> None:
     results_path = QUICK_RESULTS if args.quick else RESULTS
     if args.render:
         data = json.loads(RESULTS.read_text())
-        DOC.parent.mkdir(parents=True, exist_ok=True)
-        DOC.write_text(render(data) + "\n")
+        _write_page(data)
         print(f"wrote {DOC}")
         return
     _check_data(args.data_dir)
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     default_work = "bench-fmnist-quick" if args.quick else "bench-fmnist"
     work = Path(args.work_dir or ROOT / "runs" / default_work)
-    # The longest fit first, so that the two processes finish together.
-    tasks = [dict(network="lenet5-caffe", seed=seeds[0])]
+    # The longest fits first, so that the processes finish together.
+    tasks = [dict(network="lenet5-caffe", seed=s) for s in seeds]
     tasks += [dict(network=n, seed=s) for s in seeds for n in ("bmrs-lenet5", "bmrs-mlp")]
     for t in tasks:
         t.update(quick=args.quick, data_dir=args.data_dir, work_dir=str(work))
@@ -406,10 +532,11 @@ def main() -> None:
             task_results = pool.map(run_task, tasks, chunksize=1)
     else:
         task_results = [run_task(t) for t in tasks]
-    rows = _aggregate(task_results)
+    rows, recommended = _aggregate(task_results)
     data = {
         "rows": rows,
-        "targets": _targets(rows),
+        "recommended": recommended,
+        "targets": _targets(recommended),
         "published": [
             dict(
                 zip(
@@ -428,11 +555,12 @@ def main() -> None:
             for p in PUBLISHED
         ],
         "sbp_published": SBP_PUBLISHED,
+        "settings": SETTINGS,
         "seeds": seeds,
         "quick": args.quick,
         "jobs": args.jobs,
         "wall_seconds": time.perf_counter() - start,
-        "task_seconds": {f"{t['network']}-seed{t['seed']}": t["seconds"] for t in task_results},
+        "tasks": task_results,
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
     }
@@ -441,15 +569,17 @@ def main() -> None:
     if args.quick:
         print(render(data))
     else:
-        DOC.parent.mkdir(parents=True, exist_ok=True)
-        DOC.write_text(render(data) + "\n")
+        _write_page(data)
     for network, t in data["targets"].items():
-        print(
-            f"{network}: BMRS_N removed {t['units_removed']:.2f}% of units, accuracy "
-            f"{t['accuracy_drop']:+.2f} points below none: {'met' if t['met'] else 'not met'}"
-        )
+        print(f"{network}: target {'met' if t['met'] else 'not met'}: {json.dumps(t)}")
     wrote = results_path if args.quick else f"{results_path} and {DOC}"
     print(f"{data['wall_seconds'] / 60:.1f} min; wrote {wrote}")
+
+
+def _write_page(data: dict) -> None:
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    plot_frontiers(data, DOC.parent)
+    DOC.write_text(render(data))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     config = TrainConfig.from_dict({**DEMO_CONFIG.__dict__, "seed": args.seed})
     Trainer(config, out).fit()
-    report = make_report(out, DEMO_CRITERION)
+    report = make_report(out)  # the masks of pruning during training, as they are
     print()
     print(format_summary(report))
     print(f"\nwrote {out}/ in {time.perf_counter() - start:.0f} s: " + ", ".join(report["files"]))

@@ -152,7 +152,7 @@ def test_fresh_masks_let_a_removed_unit_come_back(monkeypatch, masks, back):
 
     calls = {"n": 0}
 
-    def compute_masks(net, guide, criterion):
+    def compute_masks(net, guide, criterion, data=None, *, progress=False):
         # Epoch 1 removes unit 0 of the first layer; epoch 2 would keep every unit. As the
         # library's criteria do, the masks already on the gates are respected.
         calls["n"] += 1

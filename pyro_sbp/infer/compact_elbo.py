@@ -77,10 +77,6 @@ def _fused_kl_sum(entries) -> torch.Tensor | float:
         key = (type(q), type(p), tuple(_params(q)), tuple(_params(p)), first.dtype, first.device)
         groups.setdefault(key, []).append((q, p, weight))
     for (q_type, p_type, q_names, p_names, *_), group in groups.items():
-        if len(group) == 1:
-            q, p, weight = group[0]
-            total = total + kl_divergence(q, p).sum() * weight
-            continue
         q = q_type(
             **{n: torch.cat([getattr(g[0], n) for g in group]) for n in q_names},
             validate_args=False,

@@ -75,27 +75,12 @@ def _flatten(module: nn.Module) -> Iterator[nn.Module]:
 
 
 class _Stages:
-    """The network as a list of stages, with the stage in which each gate acts."""
+    """The network as a list of stages, with the stage in which each gate acts (recorded by the
+    first :class:`_Chunk` run through them)."""
 
-    def __init__(self, net: nn.Module, gates: list[tuple[str, nn.Module]], x: Tensor):
+    def __init__(self, net: nn.Module):
         self.stages = list(_flatten(net))
         self.stage_of: dict[str, int] = {}
-        self._current = 0
-        handles = [gate.register_forward_hook(self._record(site)) for site, gate in gates]
-        try:
-            h = x
-            for i, stage in enumerate(self.stages):
-                self._current = i
-                h = stage(h)
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _record(self, site: str):
-        def hook(module, inputs, output):
-            self.stage_of.setdefault(site, self._current)
-
-        return hook
 
     def run(self, h: Tensor, start: int) -> Tensor:
         for stage in self.stages[start:]:
@@ -203,10 +188,12 @@ class _Chunk:
         self.outputs: list[Tensor] = []
         self.gate_in: dict[str, Tensor] = {}
         self.gate_out: dict[str, Tensor] = {}
+        self._current = 0
         handles = [gate.register_forward_hook(self._keep(site)) for site, gate in gates]
         try:
             h = x
-            for stage in staged.stages:
+            for i, stage in enumerate(staged.stages):
+                self._current = i
                 self.inputs.append(h)
                 h = stage(h)
                 self.outputs.append(h)
@@ -218,6 +205,7 @@ class _Chunk:
     def _keep(self, site: str):
         def hook(module, inputs, output):
             self.gate_in[site], self.gate_out[site] = inputs[0], output
+            self.staged.stage_of.setdefault(site, self._current)
 
         return hook
 
@@ -263,23 +251,24 @@ class _Chunk:
             gate.mask[j] = 1
 
 
-def _unit_log_lik_changes(ev: _Evaluator, progress=None) -> dict[str, Tensor]:
-    """Summed change of log-likelihood when each unit still kept is switched off alone."""
+def _unit_log_lik_changes(ev: _Evaluator, progress=None) -> tuple[dict[str, Tensor], Tensor]:
+    """Summed change of log-likelihood when each unit still kept is switched off alone, and the
+    summed log-likelihood of the network as it is."""
     gates = ev.gates
     keep = {site: (gate.mask > 0).nonzero().flatten().tolist() for site, gate in gates}
     delta = {
         site: torch.zeros(gate.num_units, dtype=torch.float64, device=ev.device)
         for site, gate in gates
     }
-    s, e = ev.chunks[0]
-    ev.set_chunk(s, e)
-    staged = _Stages(ev.net, gates, ev.x[s:e])
+    staged = _Stages(ev.net)
+    base_total = torch.zeros((), dtype=torch.float64, device=ev.device)
     fast: dict[str, bool] = {}
     for s, e in ev.chunks:
         ev.set_chunk(s, e)
         y = ev.y[s:e]
         chunk = _Chunk(staged, gates, ev.x[s:e])
         base = _log_lik(chunk.logits, y)
+        base_total += base.sum()
         for site, gate in gates:
             i = staged.stage_of.get(site)
             units = keep[site]
@@ -304,13 +293,15 @@ def _unit_log_lik_changes(ev: _Evaluator, progress=None) -> dict[str, Tensor]:
                 d[j] += (_log_lik(logits, y) - base).sum()
         if progress is not None:
             progress.update(1)
-    return {site: d.cpu() for site, d in delta.items()}
+    return {site: d.cpu() for site, d in delta.items()}, base_total
 
 
-def _best_prefix(ev: _Evaluator, order: list[tuple[str, int]], kl_cost: list[float]) -> int:
-    """The prefix length k of ``order`` whose joint removal has the largest free energy."""
+def _best_prefix(
+    ev: _Evaluator, order: list[tuple[str, int]], kl_cost: list[float], base: Tensor
+) -> int:
+    """The prefix length k of ``order`` whose joint removal has the largest free energy
+    (``base``: the summed log-likelihood with every unit of ``order`` in)."""
     gates = dict(ev.gates)
-    base = ev.log_lik()
     cum = [0.0]
     for c in kl_cost:
         cum.append(cum[-1] + c)
@@ -371,7 +362,7 @@ def elbo_delta_f(
                 total=len(ev.chunks), desc="elbo ablation", unit="chunk", leave=False, disable=None
             )
         try:
-            changes = _unit_log_lik_changes(ev, bar)
+            changes, base = _unit_log_lik_changes(ev, bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -386,7 +377,7 @@ def elbo_delta_f(
         candidates.sort(key=lambda t: (-t[0], t[1], t[3]))
         order = [(site, j) for _, _, site, j in candidates]
         cost = [beta[site] * float(kl[site][j]) for site, j in order]
-        k = _best_prefix(ev, order, cost) if order else 0
+        k = _best_prefix(ev, order, cost, base) if order else 0
     remove = {site: torch.zeros(gate.num_units, dtype=torch.bool) for site, gate in ev.gates}
     for site, j in order[:k]:
         remove[site][j] = True

@@ -9,6 +9,9 @@ from pathlib import Path
 from pyro_sbp.data import DATASETS
 from pyro_sbp.models import NETWORKS
 
+#: The runtimes of ``pyro-sbp bench --runtime``.
+RUNTIMES = ("eager", "torchscript", "onnxruntime")
+
 
 def _json_dict(text: str) -> dict:
     try:
@@ -363,12 +366,19 @@ def _add_export(sub) -> None:
         help="export the full and the pruned network as TorchScript",
         description=(
             "Write full.pt (the unpruned network with E[theta] folded in) and pruned.pt (the "
-            "removed units physically gone) as TorchScript into the run directory. The masks "
-            "come from masks.pt (written by `pyro-sbp prune`), else from --criterion."
+            "removed units physically gone) as TorchScript into the run directory, and with "
+            "--onnx full.onnx and pruned.onnx beside them. The masks come from masks.pt "
+            "(written by `pyro-sbp prune`), else from --criterion."
         ),
     )
     p.add_argument("run_dir")
     p.add_argument("--criterion", default=None, help="prune with this criterion first")
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write full.onnx and pruned.onnx (ONNX, dynamic batch; needs the onnx extra: "
+        "pip install 'pyro-sbp[onnx]')",
+    )
 
 
 def _load_for_export(run_dir: str, criterion: str | None):
@@ -389,9 +399,28 @@ def _load_for_export(run_dir: str, criterion: str | None):
     return trainer
 
 
-def _run_export(args) -> int:
-    from pyro_sbp.export import count_parameters, export_full, export_pruned, save_torchscript
+def _require_onnx() -> None:
+    """Stop with one line, before any work, when the onnx extra is not installed."""
+    from pyro_sbp.export.onnx import _require
 
+    try:
+        _require("onnx")
+        _require("onnxruntime")
+    except ImportError as e:
+        raise RuntimeError(str(e)) from None
+
+
+def _run_export(args) -> int:
+    from pyro_sbp.export import (
+        count_parameters,
+        export_full,
+        export_pruned,
+        save_onnx,
+        save_torchscript,
+    )
+
+    if args.onnx:
+        _require_onnx()
     trainer = _load_for_export(args.run_dir, args.criterion)
     shape = trainer.input_shape
     trainer.net.cpu()
@@ -405,6 +434,10 @@ def _run_export(args) -> int:
         f"{run / 'pruned.pt'} ({count_parameters(pruned):,} parameters); inputs {list(shape)} "
         "in [0, 1]"
     )
+    if args.onnx:
+        save_onnx(full, run / "full.onnx", shape)
+        save_onnx(pruned, run / "pruned.onnx", shape)
+        print(f"wrote {run / 'full.onnx'} and {run / 'pruned.onnx'} (input 'input', batch dynamic)")
     return 0
 
 
@@ -413,27 +446,121 @@ def _add_bench(sub) -> None:
         "bench",
         help="parameters, FLOPs and latency of the full and the pruned network",
         description=(
-            "Time full.pt against pruned.pt (written by `pyro-sbp export`) with "
-            "torch.utils.benchmark at several batch sizes; print a table and write bench.json."
+            "Time the full against the pruned network (written by `pyro-sbp export`) with "
+            "torch.utils.benchmark at several batch sizes, in each runtime of --runtime: "
+            "torchscript (full.pt and pruned.pt, the default), eager (the same networks as "
+            "plain torch modules, rebuilt from checkpoint.pt and masks.pt) and onnxruntime "
+            "(full.onnx and pruned.onnx, written by `pyro-sbp export --onnx`; CPU only). "
+            "Print a table and write bench.json."
         ),
     )
     p.add_argument("run_dir")
     p.add_argument("--device", action="append", default=None, help="cpu (default) or cuda")
     p.add_argument("--batch-sizes", default="1,64,256", help="comma-separated")
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
+    p.add_argument(
+        "--runtime",
+        default="torchscript",
+        help=f"comma-separated, of {', '.join(RUNTIMES)} (default: torchscript)",
+    )
+
+
+def _runtimes(text: str) -> list[str]:
+    """The runtimes of ``--runtime``, in order; an unknown or repeated one is a ValueError."""
+    names = [t.strip() for t in text.split(",")]
+    for name in names:
+        if name not in RUNTIMES:
+            raise ValueError(
+                f"unknown runtime {name!r} in --runtime {text!r}; expected a comma-separated "
+                f"list of {', '.join(RUNTIMES)}"
+            )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"--runtime {text!r} names {repeated[0]!r} twice")
+    return names
+
+
+def _check_same(candidate, reference, what: str, reference_path: Path, shape) -> None:
+    """Stop unless ``candidate`` computes what ``reference`` (the TorchScript file at
+    ``reference_path``) does: a file left from an earlier export, or masks.pt from another
+    criterion, would time another network."""
+    import torch
+
+    x = torch.rand((4, *shape), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(x)
+        got = candidate(x)
+    diff = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
+    if not diff <= 1e-4 * max(1.0, float(expected.abs().max())):
+        raise ValueError(
+            f"{what} does not compute what {reference_path} does (largest difference "
+            f"{diff:.3g}): run `pyro-sbp export {reference_path.parent}` again"
+        )
+
+
+def _eager_networks(run: Path, references, shape):
+    """The exported networks as plain torch modules, rebuilt from checkpoint.pt and masks.pt,
+    checked against full.pt and pruned.pt."""
+    from pyro_sbp.export import export_full, export_pruned
+
+    trainer = _load_for_export(str(run), None)
+    trainer.net.cpu()
+    networks = export_full(trainer.net, shape), export_pruned(trainer.net, shape)
+    for module, reference, name in zip(networks, references, ("full", "pruned"), strict=True):
+        what = f"the {name} network of {run / 'checkpoint.pt'} and its masks.pt"
+        _check_same(module, reference, what, run / f"{name}.pt", shape)
+    return networks
+
+
+def _onnx_networks(run: Path, references, shape):
+    """ONNX Runtime sessions of full.onnx and pruned.onnx, checked against full.pt and
+    pruned.pt."""
+    import torch
+
+    from pyro_sbp.export import load_onnx
+
+    sessions = []
+    for reference, name in zip(references, ("full", "pruned"), strict=True):
+        path = run / f"{name}.onnx"
+        if not path.exists():
+            raise FileNotFoundError(f"no {path.name} in {run}: run `pyro-sbp export {run} --onnx`")
+        session = load_onnx(path)
+
+        def run_onnx(x, session=session, path=path):
+            feeds = {session.get_inputs()[0].name: x.numpy()}
+            try:
+                return torch.from_numpy(session.run(None, feeds)[0])
+            except Exception as e:  # onnxruntime's errors derive from Exception only
+                text = str(e).strip()
+                reason = text.splitlines()[0] if text else type(e).__name__
+                raise ValueError(
+                    f"{path} does not run on inputs of {list(shape)} ({reason})"
+                ) from None
+
+        _check_same(run_onnx, reference, str(path), run / f"{name}.pt", shape)
+        sessions.append(session)
+    return tuple(sessions)
 
 
 def _run_bench(args) -> int:
     import torch
 
-    from pyro_sbp.export import compare, format_table, load_torchscript
+    from pyro_sbp.export import compare, compare_onnx, format_table, load_torchscript
     from pyro_sbp.infer.checkpoint import write_text_atomic
 
+    runtimes = _runtimes(args.runtime)
+    devices = args.device or ["cpu"]
+    if "onnxruntime" in runtimes:
+        _require_onnx()
+        if any(d != "cpu" for d in devices):
+            raise ValueError(
+                "the onnxruntime runtime is timed on the CPU only: drop it from --runtime, or "
+                "bench --device cuda separately"
+            )
     run = Path(args.run_dir)
     for name in ("full.pt", "pruned.pt"):
         if not (run / name).exists():
             raise FileNotFoundError(f"no {name} in {run}: run `pyro-sbp export {run}` first")
-    devices = args.device or ["cpu"]
     for d in devices:
         if d.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' was asked for but CUDA is not available here")
@@ -443,7 +570,28 @@ def _run_bench(args) -> int:
     full = load_torchscript(run / "full.pt")
     pruned = load_torchscript(run / "pruned.pt")
     sizes = tuple(int(b) for b in args.batch_sizes.split(","))
-    result = compare(full, pruned, shape, sizes, devices, args.min_run_time)
+    # Every runtime's networks first (each checked against the TorchScript files), then the
+    # timings, so that a bad file stops the command before any time is spent measuring.
+    networks = {}
+    for runtime in runtimes:
+        if runtime == "torchscript":
+            networks[runtime] = full, pruned
+        elif runtime == "eager":
+            networks[runtime] = _eager_networks(run, (full, pruned), shape)
+        else:
+            networks[runtime] = _onnx_networks(run, (full, pruned), shape)
+    # Parameters and FLOPs from the TorchScript files (no devices: no latency measured).
+    result = compare(full, pruned, shape, (), (), args.min_run_time)
+    result["runtimes"] = runtimes
+    for runtime, (f, p) in networks.items():
+        if runtime == "onnxruntime":
+            import onnxruntime
+
+            result["onnxruntime_version"] = onnxruntime.__version__
+            rows = compare_onnx(f, p, shape, sizes, args.min_run_time)
+        else:
+            rows = compare(f, p, shape, sizes, devices, args.min_run_time)["latency"]
+        result["latency"] += [{"runtime": runtime, **row} for row in rows]
     write_text_atomic(json.dumps(result, indent=1) + "\n", run / "bench.json")
     print(format_table(result))
     print(f"wrote {run / 'bench.json'}")

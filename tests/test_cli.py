@@ -206,3 +206,138 @@ def test_resume_says_which_options_it_ignores(tmp_path, capsys):
     assert "--resume continues with the run's own settings; ignored: --lr" in err, err
     assert main(["train", "--resume", "--epochs", "1", "--no-progress", "--out", str(out)]) == 0
     assert "ignored" not in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A trained, pruned run directory exported as TorchScript and ONNX."""
+    pytest.importorskip("onnxruntime")
+    run = tmp_path_factory.mktemp("exported") / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(run)]) == 0
+    # About half of this briefly trained network's units (l2 scores 0.5-0.7).
+    assert main(["prune", str(run), "--criterion", "l2:0.58"]) == 0
+    assert main(["export", str(run), "--onnx"]) == 0
+    return run
+
+
+QUICK_BENCH = ["--min-run-time", "0.01", "--batch-sizes", "1,3"]
+
+
+def test_export_onnx_writes_onnx_beside_the_torchscript(exported, capsys):
+    from pyro_sbp.export import load_onnx, load_torchscript
+
+    shape = tuple(load_checkpoint(exported)["input_shape"])
+    x = torch.rand(5, *shape)
+    for name in ("full", "pruned"):
+        session = load_onnx(exported / f"{name}.onnx")
+        assert session.get_inputs()[0].shape == ["batch", *shape]
+        got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+        with torch.no_grad():
+            expected = load_torchscript(exported / f"{name}.pt")(x)
+        assert (got - expected).abs().max() <= 1e-5 * max(1.0, float(expected.abs().max()))
+
+
+def test_bench_times_each_runtime(exported, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(exported, run)
+    capsys.readouterr()
+    args = ["bench", str(run), "--runtime", "eager,torchscript,onnxruntime", *QUICK_BENCH]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    bench = json.loads((run / "bench.json").read_text())
+    assert bench["runtimes"] == ["eager", "torchscript", "onnxruntime"]
+    rows = [(r["runtime"], r["device"], r["batch_size"]) for r in bench["latency"]]
+    assert rows == [(rt, "cpu", bs) for rt in bench["runtimes"] for bs in (1, 3)]
+    for r in bench["latency"]:
+        assert r["full_median_s"] > 0 and r["pruned_median_s"] > 0 and r["speedup"] > 0
+    assert bench["params_pruned"] < bench["params_full"]
+    assert "onnxruntime_version" in bench
+    lines = out.splitlines()
+    assert lines[2].split()[:2] == ["runtime", "device"]
+    assert [line.split()[0] for line in lines[3:9]] == ["eager"] * 2 + ["torchscript"] * 2 + [
+        "onnxruntime"
+    ] * 2
+    # The default is what bench always timed: full.pt and pruned.pt.
+    assert main(["bench", str(run), *QUICK_BENCH]) == 0
+    bench = json.loads((run / "bench.json").read_text())
+    assert bench["runtimes"] == ["torchscript"]
+    assert [r["runtime"] for r in bench["latency"]] == ["torchscript"] * 2
+    assert "onnxruntime_version" not in bench
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+@pytest.mark.parametrize(
+    ("runtime", "message"),
+    [
+        (
+            "torchscript,tensorrt",
+            "unknown runtime 'tensorrt' in --runtime 'torchscript,tensorrt'; expected a "
+            "comma-separated list of eager, torchscript, onnxruntime",
+        ),
+        ("", "unknown runtime '' in --runtime ''"),
+        ("eager,eager", "--runtime 'eager,eager' names 'eager' twice"),
+    ],
+)
+def test_bench_refuses_an_unknown_runtime(tmp_path, capsys, runtime, message):
+    # Checked before anything is read: no run directory needed.
+    assert main(["bench", str(tmp_path / "none"), "--runtime", runtime]) == 2
+    line = _one_line_error(capsys)
+    assert line.startswith("pyro-sbp bench: error: " + message), line
+
+
+def test_bench_onnxruntime_needs_the_onnx_files_of_this_export(exported, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(exported, run)
+    capsys.readouterr()
+    bench = ["bench", str(run), "--runtime", "onnxruntime", *QUICK_BENCH]
+    # ONNX files of another network: refused before anything is timed.
+    shutil.copy(run / "full.onnx", run / "pruned.onnx")
+    assert main(bench) == 2
+    line = _one_line_error(capsys)
+    assert f"{run / 'pruned.onnx'} does not compute what {run / 'pruned.pt'} does" in line, line
+    assert f"run `pyro-sbp export {run}` again" in line
+    assert not (run / "bench.json").exists()
+    (run / "pruned.onnx").write_bytes(b"garbage")
+    assert main(bench) == 2
+    assert f"{run / 'pruned.onnx'} is not an ONNX file, or is corrupt" in _one_line_error(capsys)
+    (run / "pruned.onnx").unlink()
+    assert main(bench) == 2
+    line = _one_line_error(capsys)
+    assert f"no pruned.onnx in {run}: run `pyro-sbp export {run} --onnx`" in line, line
+    assert main([*bench[:4], "--device", "cuda"]) == 2
+    assert "the onnxruntime runtime is timed on the CPU only" in _one_line_error(capsys)
+
+
+def test_bench_eager_needs_the_masks_of_the_export(exported, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(exported, run)
+    # pruned.pt from other masks (those of another criterion, not saved): every unit removed.
+    assert main(["export", str(run), "--criterion", "snr:1000"]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(run), "--runtime", "eager", *QUICK_BENCH]) == 2
+    line = _one_line_error(capsys)
+    assert "the pruned network of" in line and "and its masks.pt does not compute what" in line
+    (run / "masks.pt").unlink()
+    assert main(["bench", str(run), "--runtime", "eager", *QUICK_BENCH]) == 2
+    assert f"no masks.pt in {run}" in _one_line_error(capsys)
+
+
+def test_without_the_onnx_extra_export_onnx_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert main(["export", str(tmp_path), "--onnx"]) == 2
+    line = _one_line_error(capsys)
+    assert line.endswith("need the onnxruntime package: pip install 'pyro-sbp[onnx]'"), line
+    assert main(["bench", str(tmp_path), "--runtime", "onnxruntime"]) == 2
+    assert "pip install 'pyro-sbp[onnx]'" in _one_line_error(capsys)

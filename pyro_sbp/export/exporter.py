@@ -237,9 +237,13 @@ def export_pruned(
         (:meth:`~pyro_sbp.guides.SBPGuide.update_gates`).
     :param input_shape: the shape of one input, e.g. ``(1, 28, 28)``.
     :param masks: keep-masks by gate site; the gates' own masks when ``None``.
-    :return: a plain ``nn.Sequential`` (in evaluation mode) mirroring ``net``'s containers.
+    A traced network (one that :func:`~pyro_sbp.models.make_prunable` traced because it is not
+    built from ``nn.Sequential`` containers) is exported by
+    :func:`pyro_sbp.export.graph_export.export_graph`: the same graph with smaller layers.
+
+    :return: a plain ``nn.Sequential`` (in evaluation mode) mirroring ``net``'s containers, or a
+        plain ``torch.fx.GraphModule`` for a traced network.
     """
-    _check_sequential(net)
     gates = dict(named_gates(net))
     if masks is not None:
         unknown = set(masks) - set(gates)
@@ -253,6 +257,11 @@ def export_pruned(
                     f"mask for {site!r} has shape {tuple(m.shape)}, expected "
                     f"({gates[site].num_units},)"
                 )
+    if getattr(net, "_sbp_graph", None) is not None:
+        from pyro_sbp.export.graph_export import export_graph
+
+        return export_graph(net, tuple(input_shape), masks)
+    _check_sequential(net)
     shapes = _leaf_shapes(net, tuple(input_shape))
     leaves = _leaves(net)
     dtype = next(net.parameters()).dtype
@@ -530,6 +539,11 @@ def _quiet_jit():
     # that loads with nothing but torch.
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit.*")
+    # Scripting a torch.fx.GraphModule (a traced network's export) checks GraphModule.__init__,
+    # whose annotated attributes torch's own checker warns about.
+    warnings.filterwarnings(
+        "ignore", category=UserWarning, message=r".*doesn't support instance-level annotations"
+    )
     return ctx
 
 

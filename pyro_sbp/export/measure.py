@@ -105,17 +105,21 @@ def compare(
 
 
 def format_table(result: dict) -> str:
-    """A plain-text table of :func:`compare`'s result."""
+    """A plain-text table of :func:`compare`'s result (with a runtime column when the latency
+    rows name theirs, as ``pyro-sbp bench``'s do)."""
+    runtimes = any("runtime" in r for r in result["latency"])
+    first = f"{'runtime':<12} " if runtimes else ""
     lines = [
         f"parameters: full {result['params_full']:,}  pruned {result['params_pruned']:,}  "
         f"({result['params_reduction']:.2f}x fewer)",
         f"FLOPs/example: full {result['flops_full']:,}  pruned {result['flops_pruned']:,}  "
         f"({result['flops_reduction']:.2f}x fewer; 2 per multiply-add)",
-        f"{'device':<7} {'batch':>6} {'full ms':>10} {'pruned ms':>10} {'speed-up':>9}",
+        f"{first}{'device':<7} {'batch':>6} {'full ms':>10} {'pruned ms':>10} {'speed-up':>9}",
     ]
     for r in result["latency"]:
+        first = f"{r.get('runtime', ''):<12} " if runtimes else ""
         lines.append(
-            f"{r['device']:<7} {r['batch_size']:>6} {1e3 * r['full_median_s']:>10.3f} "
+            f"{first}{r['device']:<7} {r['batch_size']:>6} {1e3 * r['full_median_s']:>10.3f} "
             f"{1e3 * r['pruned_median_s']:>10.3f} {r['speedup']:>8.2f}x"
         )
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 :func:`make_prunable` puts an :class:`SBPGate` after chosen layers of any network;
 :class:`SBPModel` is the Pyro model (categorical likelihood, per-example gate noise, KL scaled to
-the data set); :mod:`pyro_sbp.models.nets` holds the built-in plain networks.
+the data set); :mod:`pyro_sbp.models.nets` holds the built-in plain networks and
+:mod:`pyro_sbp.models.resnet` the CIFAR ResNets (:class:`ResNet20`, :class:`ResNet56`).
 """
 
 from pyro_sbp.models.gate import DEFAULT_HIGH, DEFAULT_LOW, SBPGate
@@ -15,6 +16,7 @@ from pyro_sbp.models.prunable import (
     named_gates,
     set_gates_enabled,
 )
+from pyro_sbp.models.resnet import ResNet20, ResNet56
 from pyro_sbp.models.sbp_model import SBPModel, check_input, set_kl_weight
 
 __all__ = [
@@ -23,6 +25,8 @@ __all__ = [
     "INPUT_SHAPES",
     "NETWORKS",
     "Normalize",
+    "ResNet20",
+    "ResNet56",
     "SBPGate",
     "SBPModel",
     "build_network",

@@ -86,22 +86,30 @@ class SBPGate(PyroModule):
         with poutine.scale(scale=self.kl_scale):
             return pyro.sample(self.site_name, self.prior().to_event(1))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def theta(self) -> Tensor:
+        """The gate's current value times its mask: a draw of theta (training; one per example
+        in the data plate), ``theta_mean`` (evaluation), or the mask alone (disabled)."""
+        if not self.enabled:
+            return self.mask
+        if not self.training:
+            theta = self.theta_mean
+        elif self._theta is not None:
+            theta = self._theta
+        else:
+            theta = self.sample_theta()
+        return theta * self.mask
+
+    def forward(self, x: Tensor | None = None) -> Tensor:
+        """``x`` gated on dim 1; without ``x``, the gate's value :meth:`theta` (a traced
+        network's gate node, whose value every point where the gate acts shares)."""
+        if x is None:
+            return self.theta()
         if x.dim() < 2 or x.shape[1] != self.num_units:
             raise ValueError(
                 f"gate {self.site_name!r} expects {self.num_units} units on dim 1, "
                 f"got input of shape {tuple(x.shape)}"
             )
-        if not self.enabled:
-            theta = self.mask
-        else:
-            if not self.training:
-                theta = self.theta_mean
-            elif self._theta is not None:
-                theta = self._theta
-            else:
-                theta = self.sample_theta()
-            theta = theta * self.mask
+        theta = self.theta()
         # Broadcast over the batch (theta may be per example) and any spatial dims.
         shape = (-1 if theta.dim() == 2 else 1, self.num_units) + (1,) * (x.dim() - 2)
         return x * theta.reshape(shape)

@@ -14,6 +14,13 @@ Every layer is a separate standard module and ``forward`` is the one of
 nonlinearity) and can trace ``Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d -> Conv2d``,
 ``Conv2d -> Flatten -> Linear`` and ``Linear -> Linear`` chains to remove units.
 
+The exceptions are the CIFAR residual networks ResNet-20 and ResNet-56 of He et al. (2016) [6]
+(``"resnet-20"``, ``"resnet-56"``), which live in :mod:`pyro_sbp.models.resnet`: their blocks add
+a shortcut in a custom ``forward``, so they are not :class:`~torch.nn.Sequential`, but every layer
+is still a separate standard module and they can be traced with :func:`torch.fx.symbolic_trace`.
+That module adds them to :data:`NETWORKS` and :data:`INPUT_SHAPES` when it is imported (which
+:mod:`pyro_sbp.models` does), so that this module imports nothing from the package.
+
 Nothing in this module depends on Pyro.
 
 References:
@@ -29,6 +36,8 @@ References:
 [4] K. Simonyan, A. Zisserman (2015),
     "Very Deep Convolutional Networks for Large-Scale Image Recognition", ICLR.
 [5] S. Zagoruyko (2015), "92.45% on CIFAR-10 in Torch" (the "VGG-like" CIFAR-10 network).
+[6] K. He, X. Zhang, S. Ren, J. Sun (2016),
+    "Deep Residual Learning for Image Recognition", CVPR.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.fx
 from torch import nn
 
 __all__ = [
@@ -75,6 +85,30 @@ def _as_1d_tensor(value: float | Sequence[float] | torch.Tensor, name: str) -> t
     if tensor.numel() == 0:
         raise ValueError(f"{name} must not be empty")
     return tensor
+
+
+def _standardize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    # Normalize.forward's work. A free function that torch.fx.symbolic_trace records as one call
+    # (see torch.fx.wrap below) instead of tracing into it: its branches on the input's shape
+    # cannot be traced, and a network with a Normalize stays traceable.
+    channels = mean.numel()
+    if channels == 1:
+        return (x - mean) / std
+    if x.dim() < 2:
+        raise ValueError(f"expected an input of shape (N, C, ...), got {tuple(x.shape)}")
+    if x.shape[1] == channels:
+        shape = (1, channels) + (1,) * (x.dim() - 2)
+        return (x - mean.view(shape)) / std.view(shape)
+    if x.dim() == 2 and x.shape[1] % channels == 0:
+        y = x.reshape(x.shape[0], channels, -1)
+        y = (y - mean.view(1, channels, 1)) / std.view(1, channels, 1)
+        return y.reshape(x.shape)
+    raise ValueError(
+        f"input of shape {tuple(x.shape)} does not match {channels} normalisation channels"
+    )
+
+
+torch.fx.wrap("_standardize")
 
 
 class Normalize(nn.Module):
@@ -129,21 +163,7 @@ class Normalize(nn.Module):
         :param x: Input of shape ``(N, C, ...)`` or a flat ``(N, C * D)``.
         :returns: The standardised input, same shape as ``x``.
         """
-        channels = self.num_channels
-        if channels == 1:
-            return (x - self.mean) / self.std
-        if x.dim() < 2:
-            raise ValueError(f"expected an input of shape (N, C, ...), got {tuple(x.shape)}")
-        if x.shape[1] == channels:
-            shape = (1, channels) + (1,) * (x.dim() - 2)
-            return (x - self.mean.view(shape)) / self.std.view(shape)
-        if x.dim() == 2 and x.shape[1] % channels == 0:
-            y = x.reshape(x.shape[0], channels, -1)
-            y = (y - self.mean.view(1, channels, 1)) / self.std.view(1, channels, 1)
-            return y.reshape(x.shape)
-        raise ValueError(
-            f"input of shape {tuple(x.shape)} does not match {channels} normalisation channels"
-        )
+        return _standardize(x, self.mean, self.std)
 
     def extra_repr(self) -> str:
         return f"mean={self.mean.tolist()}, std={self.std.tolist()}"
@@ -544,7 +564,9 @@ class DigitsNet(_MLPNet):
         )
 
 
-#: Registry of the built-in networks by name.
+#: Registry of the built-in networks by name. :mod:`pyro_sbp.models.resnet` adds
+#: ``"resnet-20"`` (:class:`~pyro_sbp.models.resnet.ResNet20`) and ``"resnet-56"``
+#: (:class:`~pyro_sbp.models.resnet.ResNet56`) on import.
 NETWORKS: dict[str, Callable[..., nn.Module]] = {
     "lenet-300-100": LeNet300100,
     "lenet-500-300": LeNet500300,
@@ -556,7 +578,8 @@ NETWORKS: dict[str, Callable[..., nn.Module]] = {
 }
 
 #: Default shape of one input example (without the batch dimension) of each network.
-#: A built network also carries its actual ``input_shape`` attribute.
+#: A built network also carries its actual ``input_shape`` attribute. The ResNets' ``(3, 32, 32)``
+#: are added by :mod:`pyro_sbp.models.resnet`.
 INPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "lenet-300-100": (1, 28, 28),
     "lenet-500-300": (1, 28, 28),

@@ -1,7 +1,8 @@
 """Turning a plain network into a prunable one: one gate per unit after chosen layers."""
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
+import torch
 from pyro.nn.module import to_pyro_module_
 from torch import Tensor, nn
 
@@ -122,6 +123,16 @@ INPUT_GATE_ATTR = "input_gate"
 _GATE_ATTRS = ("gate", INPUT_GATE_ATTR)
 
 
+def is_sequential_tree(net: nn.Module) -> bool:
+    """Whether every module of ``net`` with submodules is an ``nn.Sequential`` (gates are then
+    put on with hooks, in place; other networks are traced, :mod:`pyro_sbp.models.graph`)."""
+    for m in net.modules():
+        children = [c for c in m.children() if not isinstance(c, SBPGate)]
+        if children and not isinstance(m, nn.Sequential):
+            return False
+    return True
+
+
 def make_prunable(
     net: nn.Module,
     layers: Sequence[str] | None = None,
@@ -130,12 +141,36 @@ def make_prunable(
     low: float = DEFAULT_LOW,
     high: float = DEFAULT_HIGH,
     gate_after_pool: bool = True,
+    example_input: Tensor | None = None,
+    leaf_modules: Iterable[type | str] = (),
 ) -> nn.Module:
-    """Put an :class:`SBPGate` on the units of chosen layers of ``net``, in place.
+    """Put an :class:`SBPGate` on the units of chosen layers of ``net``.
 
     One line makes a network prunable::
 
         net = make_prunable(build_network("lenet5-caffe"))
+        net = make_prunable(torchvision.models.resnet18(num_classes=10),
+                            example_input=torch.randn(1, 3, 32, 32))
+
+    **Any network** that ``torch.fx`` can trace (ResNets, MobileNets, DenseNets, ...; a network
+    with modules other than ``nn.Sequential`` containers) is traced, and the gates become nodes
+    of its graph (:mod:`pyro_sbp.models.graph`): channels that must be removed together
+    (residual adds, concatenations, grouped and depthwise convolutions, flatten into a linear
+    layer) share one gate and one unit, every output channel of every ``Conv2d``/``Linear``
+    layer but the classifier's (the layers that feed the output) belongs to a gate, and each
+    gate acts after the norm that follows its layer, and after every other norm that reads its
+    channels. The traced network is a new ``torch.fx.GraphModule`` sharing ``net``'s
+    parameters (print it to see where each gate acts); use the returned module.
+    ``example_input`` (a batch of one or more inputs) gives the shapes; by default a batch of
+    two zero inputs of ``net.input_shape`` (the built-in networks have one). ``leaf_modules``
+    (types or qualified names) are called as a whole instead of traced, fx's escape hatch for
+    code it cannot trace; they must not meet gated channels. An operation that ties channels in
+    a way export cannot follow (a channel shuffle, a reshape that mixes channels) raises a
+    ``ValueError`` naming the node and the op. ``input_layers`` and ``gate_after_pool`` apply to
+    ``nn.Sequential`` networks only.
+
+    **nn.Sequential networks** (every built-in but the ResNets) get their gates in place, with
+    hooks, as follows.
 
     The gate of layer ``"features.0"`` is the submodule ``"features.0.gate"``, which is also the
     name of its Pyro sample site. ``net`` is converted to a :class:`~pyro.nn.PyroModule` tree
@@ -174,10 +209,16 @@ def make_prunable(
     :param float high: upper bound of each gate (default 1).
     :param bool gate_after_pool: move a convolution's gate after a following max-pooling (same
         function, less work; default ``True``).
-    :return: ``net`` itself.
+    :param example_input: an input batch, for tracing a network that is not ``nn.Sequential``.
+    :param leaf_modules: modules not to trace into (types or qualified names).
+    :return: ``net`` itself (``nn.Sequential`` networks), or the traced network.
     """
     if any(isinstance(m, SBPGate) for m in net.modules()):
         raise ValueError("the network already has gates")
+    if not is_sequential_tree(net):
+        return _make_prunable_graph(
+            net, layers, input_layers, low, high, example_input, leaf_modules
+        )
     names = _default_layers(net) if layers is None else list(layers)
     modules = dict(net.named_modules())
     input_names = list(input_layers)
@@ -224,6 +265,39 @@ def make_prunable(
             norm.register_forward_hook(_gate_after_norm)
     to_pyro_module_(net)
     return net
+
+
+def _make_prunable_graph(net, layers, input_layers, low, high, example_input, leaf_modules):
+    from pyro_sbp.models.graph import gate_graph
+
+    if tuple(input_layers):
+        raise ValueError(
+            "input_layers (gates on a Linear's input features) apply to nn.Sequential networks; "
+            f"{type(net).__name__} is traced, and its flattened features are gated with their "
+            "channels"
+        )
+    if not 0 < low < high:
+        raise ValueError(f"gate bounds must satisfy 0 < low < high, got {low}, {high}")
+    if example_input is None:
+        shape = getattr(net, "input_shape", None)
+        if shape is None:
+            raise ValueError(
+                f"{type(net).__name__} is not built from nn.Sequential containers, so it is "
+                "traced: pass example_input=<a batch of inputs> for the shapes"
+            )
+        param = next(net.parameters(), None)
+        example_input = torch.zeros(
+            (2, *shape),
+            dtype=torch.get_default_dtype() if param is None else param.dtype,
+            device=None if param is None else param.device,
+        )
+    if not isinstance(example_input, Tensor) or example_input.dim() < 1:
+        raise ValueError(
+            f"example_input must be a batch of inputs (a tensor), got {example_input!r}"
+        )
+    gm = gate_graph(net, example_input, layers, low=low, high=high, leaf_modules=leaf_modules)
+    to_pyro_module_(gm)
+    return gm
 
 
 def named_gates(net: nn.Module) -> Iterator[tuple[str, SBPGate]]:

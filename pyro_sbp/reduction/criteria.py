@@ -154,6 +154,10 @@ def _posteriors64(guide) -> dict[str, tuple[TruncatedLogNormal, float, float]]:
 
 
 def _l2_scores(net: nn.Module, site: str) -> Tensor:
+    if getattr(net, "_sbp_graph", None) is not None:
+        from pyro_sbp.models.graph import unit_weight_norms
+
+        return unit_weight_norms(net, site)
     layer = net.get_submodule(gated_layer_name(site))
     w = layer.weight.detach().cpu().double()
     if is_input_gate(site):

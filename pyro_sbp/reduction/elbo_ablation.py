@@ -204,13 +204,16 @@ class _Chunk:
 
     def _keep(self, site: str):
         def hook(module, inputs, output):
-            self.gate_in[site], self.gate_out[site] = inputs[0], output
+            if inputs:  # a traced network's gate node takes no input: no shortcut for it
+                self.gate_in[site], self.gate_out[site] = inputs[0], output
             self.staged.stage_of.setdefault(site, self._current)
 
         return hook
 
     def fast_applies(self, site: str, gate, layer: nn.Module, i: int) -> bool:
         out = self.outputs[i]
+        if site not in self.gate_out:
+            return False
         if is_input_gate(site):
             return isinstance(layer, nn.Linear) and out.dim() == 2
         return out.dim() >= 2 and out.shape[1] == gate.num_units

@@ -31,6 +31,13 @@ from pyro_sbp.models.nets import (
 SMALL_VGG = {"config": (8, "M", 16, "M"), "width_multiplier": 1.0}
 
 
+# The nn.Sequential networks: all but the ResNets (pyro_sbp.models.resnet), whose layout is
+# tested in test_resnet.py.
+SEQUENTIAL = sorted(
+    n for n, f in NETWORKS.items() if isinstance(f, type) and issubclass(f, nn.Sequential)
+)
+
+
 def _kwargs(name: str) -> dict:
     return dict(SMALL_VGG) if name == "vgg-like" else {}
 
@@ -62,11 +69,11 @@ def test_num_classes(name: str) -> None:
     net = build_network(name, num_classes=7, **_kwargs(name))
     out = net(torch.randn(2, *INPUT_SHAPES[name]))
     assert out.shape == (2, 7)
-    last = net.classifier[-1]
+    last = net.classifier[-1] if isinstance(net, nn.Sequential) else net.fc
     assert isinstance(last, nn.Linear) and last.out_features == 7
 
 
-@pytest.mark.parametrize("name", sorted(NETWORKS))
+@pytest.mark.parametrize("name", SEQUENTIAL)
 def test_structure(name: str) -> None:
     """The layout the gate-insertion and pruning tools rely on."""
     net = build_network(name, **_kwargs(name))
@@ -351,7 +358,10 @@ def test_registry() -> None:
         "bmrs-mlp",
         "vgg-like",
         "digits-mlp",
+        "resnet-20",
+        "resnet-56",
     }
+    assert set(SEQUENTIAL) == set(NETWORKS) - {"resnet-20", "resnet-56"}
     assert set(INPUT_SHAPES) == set(NETWORKS)
     for name, factory in NETWORKS.items():
         assert callable(factory)
@@ -379,7 +389,7 @@ def test_pure_torch() -> None:
     assert "pyro" not in roots
 
 
-@pytest.mark.parametrize("name", sorted(NETWORKS))
+@pytest.mark.parametrize("name", SEQUENTIAL)
 def test_only_standard_modules(name: str) -> None:
     net = build_network(name, **_kwargs(name))
     for module in net.modules():

@@ -88,7 +88,7 @@ def test_a_network_that_is_not_a_sequential_is_rerun_whole():
             return self.b(torch.relu(self.a(x))) + self.skip(x)
 
     torch.manual_seed(0)
-    net = make_prunable(TwoPath(), layers=["a"], input_layers=["b"])
+    net = make_prunable(TwoPath(), layers=["a"], example_input=torch.randn(2, 6))
     guide = SBPGuide(net, 1000)
     _random_posteriors(net, guide)
     data = _data(50, (6,), classes=4)

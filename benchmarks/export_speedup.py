@@ -33,7 +33,9 @@ traced network, its residual streams one gate each) and VGG-16 with BatchNorm (t
 ``vgg-like`` network), on 32 x 32 inputs, with half of every gate's units kept at random. They
 are timed at batch 256 only, in three runtimes side by side: eager PyTorch, TorchScript
 (``torch.jit.script``, then ``torch.jit.freeze``) and ONNX Runtime (one intra-op thread), each
-with its own ``speedup``, in ``runtimes``.
+with its own ``speedup``, in ``runtimes``; ``eager-contiguous`` is eager PyTorch with the
+export's ``channels_last=False`` (a traced network's export is channels-last by default; the
+VGG's, an ``nn.Sequential``, is contiguous either way).
 
     python benchmarks/export_speedup.py [--min-run-time 2] [--cases lenet5-caffe,resnet-56]
 """
@@ -115,13 +117,18 @@ def _half_network(name: str, seed: int = 0):
     net.eval()
     shape = tuple(net.input_shape)
     full, pruned = export_full(net, shape), export_pruned(net, shape)
+    contiguous = (
+        export_full(net, shape, channels_last=False),
+        export_pruned(net, shape, channels_last=False),
+    )
     x = torch.rand(16, *shape, generator=g)
     with torch.no_grad():
         ref = net(x)
-        err = (pruned(x) - ref).abs().max().item()
-    tol = 1e-5 * max(1.0, ref.abs().max().item())
-    assert err <= tol, f"{name}: exported network differs from the gated one by {err}"
-    return full, pruned, shape
+        for module in (pruned, contiguous[1]):
+            err = (module(x) - ref).abs().max().item()
+            tol = 1e-5 * max(1.0, ref.abs().max().item())
+            assert err <= tol, f"{name}: exported network differs from the gated one by {err}"
+    return full, pruned, shape, contiguous
 
 
 def _scripted(module: nn.Module) -> torch.jit.ScriptModule:
@@ -130,13 +137,15 @@ def _scripted(module: nn.Module) -> torch.jit.ScriptModule:
         return torch.jit.freeze(torch.jit.script(module.eval()))
 
 
-def _runtimes(full, pruned, shape, batch: int, min_run_time: float, tmp: Path) -> dict:
+def _runtimes(full, pruned, shape, batch, min_run_time, tmp: Path, contiguous=None) -> dict:
     """Median latency of the full and the pruned network, alternately, in each runtime."""
     from pyro_sbp.export import measure_latency
     from pyro_sbp.export.onnx import measure_latency_onnx, save_onnx
 
     out = {}
     pairs = {"eager": (full, pruned), "torchscript": (_scripted(full), _scripted(pruned))}
+    if contiguous is not None:
+        pairs["eager-contiguous"] = contiguous
     for runtime, (f, p) in pairs.items():
         a = measure_latency(f, shape, batch, "cpu", min_run_time)["median_s"]
         b = measure_latency(p, shape, batch, "cpu", min_run_time)["median_s"]
@@ -156,11 +165,13 @@ def _runtimes(full, pruned, shape, batch: int, min_run_time: float, tmp: Path) -
 def _half_width_case(name: str, min_run_time: float) -> dict:
     from pyro_sbp.export import count_flops, count_parameters
 
-    full, pruned, shape = _half_network(name)
+    full, pruned, shape, contiguous = _half_network(name)
     flops_full, flops_pruned = count_flops(full, shape), count_flops(pruned, shape)
     reduction = flops_full / flops_pruned
     with tempfile.TemporaryDirectory() as tmp:
-        runtimes = _runtimes(full, pruned, shape, HALF_BATCH, min_run_time, Path(tmp))
+        runtimes = _runtimes(
+            full, pruned, shape, HALF_BATCH, min_run_time, Path(tmp), contiguous=contiguous
+        )
     layers = layer_floor(pruned, shape, HALF_BATCH, min_run_time / 4)
     floor = sum(m["median_s"] for m in layers if m["layer"])
     modules = sum(m["median_s"] for m in layers)

@@ -40,6 +40,17 @@ _MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
 _DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
 
 
+class ChannelsLast(nn.Module):
+    """Puts a 4-D input in the channels-last memory format (same values), so that the
+    convolutions after it, whose weights are channels-last too, run oneDNN's channels-last
+    kernels (scriptable; the ONNX exporter drops it)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     *path, last = name.split(".")
     parent = root
@@ -102,9 +113,17 @@ def _fill_of(fills: dict, arg, n: int) -> Tensor:
 
 
 @torch.no_grad()
-def export_graph(net: nn.Module, input_shape: tuple[int, ...], masks=None) -> fx.GraphModule:
+def export_graph(
+    net: nn.Module, input_shape: tuple[int, ...], masks=None, channels_last: bool = True
+) -> fx.GraphModule:
     """A plain ``torch.fx.GraphModule`` equal to the traced gated ``net`` in evaluation mode,
-    with the removed channels physically gone (see the module docstring)."""
+    with the removed channels physically gone (see the module docstring).
+
+    With ``channels_last`` (the default) a 4-D input is put in the channels-last memory
+    format first (:class:`ChannelsLast`) and the convolutions' weights are stored that way:
+    the same values, and on the CPU faster, more so for the narrow layers of a pruned network
+    (``benchmarks/export_speedup.py``: ResNet-56 at half width, batch 256, one thread, 0.83 of
+    the FLOPs reduction realised against 0.69 contiguous)."""
     units = _Units(net, masks)
     points = {p.node: p for p in units.info.points}
     modules = dict(net.named_modules())
@@ -176,6 +195,15 @@ def export_graph(net: nn.Module, input_shape: tuple[int, ...], masks=None) -> fx
             new_node = _flatten_if_flattening(graph, node, new_node, env)
         env[name] = new_node
         fills[name] = _function_fill(node, fills, units)
+    if channels_last and any(isinstance(m, nn.Conv2d) for m in root.modules()):
+        for m in root.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+        root.add_module("channels_last", ChannelsLast())
+        first = next(n for n in graph.nodes if n.op == "placeholder")
+        with graph.inserting_after(first):
+            layout = graph.call_module("channels_last", (first,))
+        first.replace_all_uses_with(layout, delete_user_cb=lambda u: u is not layout)
     graph.lint()
     out = fx.GraphModule(root, graph, "Pruned" + type(net).__name__.replace("PyroModule", ""))
     return out.eval()

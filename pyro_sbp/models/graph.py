@@ -586,7 +586,7 @@ class _Analysis:
             len(idx) == 1 and idx[0] == whole
         ):
             return x
-        if len(idx) >= 2 and idx[0] == whole and idx[1] is Ellipsis:
+        if len(idx) == 2 and idx[0] == whole and idx[1] is Ellipsis:
             return x
         if self.gated(x):
             self.refuse(node, "selects some of the channels")
@@ -595,7 +595,7 @@ class _Analysis:
 
 def _points(an: _Analysis, unit_of) -> list[GatePoint]:
     """Where the gates act (see the module docstring)."""
-    gm, modules = an.gm, an.modules
+    gm = an.gm
     points: list[GatePoint] = []
     after_norm: set[str] = set()
     for node in gm.graph.nodes:
@@ -619,7 +619,6 @@ def _points(an: _Analysis, unit_of) -> list[GatePoint]:
         units = unit_of(node.name)
         if units is not None and any(u is not None for u in units):
             points.append(GatePoint(node.name, units))
-    del modules
     return points
 
 

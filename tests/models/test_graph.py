@@ -405,3 +405,15 @@ def test_gate_nodes_are_in_the_graph():
     text = net.code
     assert "self.conv1.gate()" in text
     assert text.count("gate_channels(") == len(net._sbp_graph.points)
+
+
+def test_a_traced_export_is_channels_last_unless_asked_otherwise():
+    net = _randomise(make_prunable(build_network("resnet-20")), 5).eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        ref = net(x)
+        fast = export_pruned(net, (3, 32, 32))
+        plain = export_pruned(net, (3, 32, 32), channels_last=False)
+        assert _close(fast(x), ref) and _close(plain(x), ref)
+    assert fast.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert plain.conv1.weight.is_contiguous() and not hasattr(plain, "channels_last")

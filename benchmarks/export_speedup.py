@@ -172,11 +172,8 @@ def _half_width_case(name: str, min_run_time: float) -> dict:
         runtimes = _runtimes(
             full, pruned, shape, HALF_BATCH, min_run_time, Path(tmp), contiguous=contiguous
         )
-    layers = layer_floor(pruned, shape, HALF_BATCH, min_run_time / 4)
-    floor = sum(m["median_s"] for m in layers if m["layer"])
-    modules = sum(m["median_s"] for m in layers)
     eager = runtimes["eager"]
-    budget = eager["full_median_s"] / (0.8 * reduction)
+    floor = _floor(pruned, shape, HALF_BATCH, min_run_time, eager["full_median_s"], reduction)
     for runtime, r in runtimes.items():
         r["speedup_over_flops"] = r["speedup"] / reduction
         print(
@@ -199,6 +196,17 @@ def _half_width_case(name: str, min_run_time: float) -> dict:
         "speedup_over_flops": eager["speedup"] / reduction,
         "runtimes": runtimes,
         "best_runtime_speedup_over_flops": max(r["speedup_over_flops"] for r in runtimes.values()),
+        **floor,
+    }
+
+
+def _floor(pruned, shape, batch: int, min_run_time: float, full_s: float, reduction: float):
+    """The layer floor of the pruned network against the time budget of the 0.8 target."""
+    layers = layer_floor(pruned, shape, batch, min_run_time / 4)
+    floor = sum(m["median_s"] for m in layers if m["layer"])
+    modules = sum(m["median_s"] for m in layers)
+    budget = full_s / (0.8 * reduction)
+    return {
         "budget_s": budget,
         "pruned_layers_s": floor,
         "floor_over_budget": floor / budget,
@@ -269,10 +277,14 @@ def main() -> None:
         full, pruned, shape = _pruned_network(name, widths)
         result = compare(full, pruned, shape, sizes, ("cpu",), args.min_run_time)
         for lat in result["latency"]:
-            layers = layer_floor(pruned, shape, lat["batch_size"], args.min_run_time / 4)
-            floor = sum(m["median_s"] for m in layers if m["layer"])
-            modules = sum(m["median_s"] for m in layers)
-            budget = lat["full_median_s"] / (0.8 * result["flops_reduction"])
+            f = _floor(
+                pruned,
+                shape,
+                lat["batch_size"],
+                args.min_run_time,
+                lat["full_median_s"],
+                result["flops_reduction"],
+            )
             cases.append(
                 {
                     "name": name,
@@ -287,20 +299,15 @@ def main() -> None:
                     "pruned_median_s": lat["pruned_median_s"],
                     "speedup": lat["speedup"],
                     "speedup_over_flops": lat["speedup"] / result["flops_reduction"],
-                    "budget_s": budget,
-                    "pruned_layers_s": floor,
-                    "floor_over_budget": floor / budget,
-                    "pruned_modules_s": modules,
-                    "modules_over_budget": modules / budget,
-                    "modules": layers,
+                    **f,
                 }
             )
             print(
                 f"{name:<14} batch {lat['batch_size']:>5}: FLOPs {result['flops_reduction']:.2f}x "
                 f"fewer, {lat['speedup']:.2f}x faster "
                 f"({lat['speedup'] / result['flops_reduction']:.2f} of the FLOPs reduction); "
-                f"layers and selection alone {floor * 1e3:.2f} ms, all modules alone "
-                f"{modules * 1e3:.2f} ms, budget {budget * 1e3:.2f} ms"
+                f"layers and selection alone {f['pruned_layers_s'] * 1e3:.2f} ms, all modules "
+                f"alone {f['pruned_modules_s'] * 1e3:.2f} ms, budget {f['budget_s'] * 1e3:.2f} ms"
             )
     half = [c for c in cases if c["name"] in HALF_WIDTH]
     out = {

@@ -19,6 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from pyro_sbp.export.exporter import (
+    MaxPool2x2,
+    _export_normalize,
+    _is_max_pool_2x2,
+    _plain_class,
+    _plain_copy,
+)
 from pyro_sbp.models.gate import SBPGate
 from pyro_sbp.models.graph import (
     _BATCH_NORMS,
@@ -64,8 +71,6 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _plain(module: nn.Module) -> nn.Module:
-    from pyro_sbp.export.exporter import _plain_copy
-
     return _plain_copy(module).eval()
 
 
@@ -131,7 +136,6 @@ def export_graph(
     root = nn.Module()
     env: dict[str, fx.Node] = {}
     fills: dict[str, Tensor] = {}  # per channel: its constant value when removed, NaN if unknown
-    skipped: set[str] = set()
 
     def arg(a):
         return fx.node.map_arg(a, lambda n: env[n.name])
@@ -142,14 +146,12 @@ def export_graph(
     for node in net.graph.nodes:
         name = node.name
         if node.op == "call_module" and isinstance(modules[node.target], SBPGate):
-            skipped.add(name)
             continue
         if (
             node.op == "get_attr"
             and node.users
             and all(u.target is gate_channels for u in node.users)
         ):
-            skipped.add(name)
             continue
         if node.op == "call_function" and node.target is gate_channels:
             src = node.args[0]
@@ -285,13 +287,9 @@ def _export_module(node: fx.Node, m: nn.Module, units: _Units, points, fills, in
     c_out = units.channels(name)
     fill_in = fills.get(src.name) if isinstance(src, fx.Node) else None
     if isinstance(m, Normalize) and isinstance(src, fx.Node) and src.op == "placeholder":
-        from pyro_sbp.export.exporter import _export_normalize
-
         return _export_normalize(m, tuple(input_shape)), None
     if isinstance(m, CHANNELWISE_MODULES) or isinstance(m, nn.Flatten):
         new = _plain(m)
-        from pyro_sbp.export.exporter import MaxPool2x2, _is_max_pool_2x2
-
         if c_out is None or fill_in is None:
             fill = None
         elif isinstance(m, nn.Flatten):
@@ -423,8 +421,6 @@ def _export_norm(node: fx.Node, m: nn.Module, units: _Units, point, fills):
                 "(track_running_stats=False): it cannot be exported smaller"
             )
         mean, var = m.running_mean.detach().cpu(), m.running_var.detach().cpu()
-        from pyro_sbp.export.exporter import _plain_class
-
         new = _plain_class(m)(keep.numel(), eps=m.eps, momentum=m.momentum, affine=True)
         new.running_mean.copy_(mean.index_select(0, keep))
         new.running_var.copy_(var.index_select(0, keep))

@@ -80,8 +80,7 @@ class TruncatedLogNormal(TorchDistribution):
         return constraints.interval(self.low, self.high)
 
     def rsample(self, sample_shape=torch.Size()):
-        x = self.base_dist.rsample(sample_shape)
-        return _clamp_straight_through(x.exp(), *self._cbounds)
+        return self.base_dist._rsample(sample_shape, exp_bounds=self._cbounds)
 
     def log_prob(self, value):
         if self._validate_args:

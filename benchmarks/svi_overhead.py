@@ -65,8 +65,14 @@ Variants, timed in the same loop to show where the time goes (``--no-variants`` 
 ``--profile`` instead profiles the default SVI step (cProfile, by function; then
 ``torch.profiler``, by operator, on one thread) and prints the tables.
 
+``--device cuda`` runs the same figures on a GPU: every tensor is created there
+(``torch.set_default_device``), each step is timed between two CUDA events read after it, and the
+peak memory is the allocator's (``torch.cuda.max_memory_allocated``). On CUDA the gate
+distributions take every branch densely, so ``host_syncs_svi`` counts what the rest of the step
+asks of the device.
+
     python benchmarks/svi_overhead.py [--repeats 200] [--batch-size 128] [--warmup 20]
-        [--threads N] [--no-variants] [--jit] [--profile]
+        [--threads N] [--device cpu|cuda] [--no-variants] [--jit] [--profile]
 """
 
 import argparse
@@ -107,6 +113,7 @@ from pyro_sbp.models import (
 )
 
 RESULTS = Path(__file__).parent / "results" / "svi_overhead.json"
+CPU = torch.device("cpu")
 NETWORK = "lenet5-caffe"
 INPUT_SHAPE = (1, 28, 28)
 NUM_DATA = 60000
@@ -417,18 +424,45 @@ def build_steps(args, x, y, idx):
     return steps, num_gates
 
 
+def _timer(device: torch.device):
+    """``time(step) -> seconds`` of one call: wall time on the CPU; on CUDA the time between
+    two events around the step, read after it (the step itself runs asynchronously)."""
+    if device.type != "cuda":
+
+        def wall(step):
+            t0 = time.perf_counter()
+            step()
+            return time.perf_counter() - t0
+
+        return wall
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def events(step):
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    return events
+
+
 def run(args) -> dict:
+    device = torch.device(args.device)
+    # Every tensor the steps create (data, networks, parameters, noise) on the device.
+    torch.set_default_device(device)
     torch.manual_seed(0)
     x = torch.rand(args.batch_size, *INPUT_SHAPE)
     y = torch.randint(10, (args.batch_size,))
     idx = torch.randperm(NUM_DATA)[: args.batch_size]
+    timed = _timer(device)
     validation = _validation_state()
     steps, num_gates = build_steps(args, x, y, idx)
     # Counted first, at the gates' initial posteriors: the operations of a step depend on the
     # branches its gates take (a gate that moves beyond a bound takes the tail formulas).
     counted = [name for name in ("plain", "svi", "svi_lean") if name in steps]
-    ops = {name: count_ops(steps[name]) for name in counted}
-    peak = {name: peak_memory(steps[name]) for name in counted}
+    ops = {name: count_ops(steps[name], device) for name in counted}
+    peak = {name: peak_memory(steps[name], device) for name in counted}
     names = list(steps)
     errors = {}
     with warnings.catch_warnings():
@@ -447,9 +481,7 @@ def run(args) -> dict:
         for rep in range(args.repeats):
             shift = rep % len(names)
             for name in names[shift:] + names[:shift]:
-                t0 = time.perf_counter()
-                steps[name]()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(timed(steps[name]))
         load_after = os.getloadavg()
 
     med = {name: statistics.median(t) for name, t in times.items()}
@@ -457,7 +489,8 @@ def run(args) -> dict:
         "network": NETWORK,
         "gates": num_gates,
         "batch_size": args.batch_size,
-        "device": "cpu",
+        "device": device.type,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "repeats": args.repeats,
         "warmup": args.warmup,
         "threads": torch.get_num_threads(),
@@ -528,29 +561,49 @@ def run(args) -> dict:
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")
 
 
-def peak_memory(step) -> int:
-    """Peak CPU memory of one call of ``step`` in bytes, from ``torch.profiler``'s memory
-    timeline (the sum over its categories at each instant; tensors that exist before the call,
-    such as the parameters, count as the profiler infers them)."""
+def peak_memory(step, device: torch.device = CPU) -> int:
+    """Peak memory of one call of ``step`` in bytes: on the CPU from ``torch.profiler``'s
+    memory timeline (the sum over its categories at each instant; tensors that exist before the
+    call, such as the parameters, count as the profiler infers them); on CUDA the allocator's
+    peak (``torch.cuda.max_memory_allocated``, everything allocated on the device)."""
     from torch.profiler._memory_profiler import MemoryProfileTimeline
 
     step()
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU],
-        profile_memory=True,
-        record_shapes=True,
-        with_stack=True,
-    ) as prof:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
         step()
-    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
-    return int(max(sum(s) for s in sizes)) if sizes else 0
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    for attempt in range(5):
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU],
+            profile_memory=True,
+            record_shapes=True,
+            with_stack=True,
+        ) as prof:
+            step()
+        try:
+            timeline = MemoryProfileTimeline(prof._memory_profile())
+        except AssertionError:
+            # The profiler's data-flow graph now and then fails to match a tensor's versions
+            # (torch 2.14: "version mismatch", on the same step that profiles the next time).
+            if attempt == 4:
+                raise
+            continue
+        _, sizes = timeline._coalesce_timeline(torch.device("cpu"))
+        return int(max(sum(s) for s in sizes)) if sizes else 0
 
 
-def count_ops(step) -> dict:
+def count_ops(step, device: torch.device = CPU) -> dict:
     """aten operator calls (nested ones included) and host synchronisations of one call of
-    ``step``, counted by ``torch.profiler``: exact and machine-independent."""
+    ``step``, counted by ``torch.profiler``: exact and machine-independent (on CUDA too: the
+    aten calls are recorded on the host, each launching the device's kernels)."""
     step()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
         step()
     names = [e.name for e in prof.events()]
     return {
@@ -605,6 +658,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda (CUDA time between events around each step)"
     )
     parser.add_argument("--no-variants", action="store_true", help="time only svi and plain")
     parser.add_argument("--jit", action="store_true", help="also time JitTraceMeanField_ELBO")

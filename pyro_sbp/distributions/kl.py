@@ -11,7 +11,7 @@ import math
 import torch
 from torch.distributions import Uniform, register_kl
 
-from pyro_sbp.distributions import _standard
+from pyro_sbp.distributions import _kl_grad, _standard
 from pyro_sbp.distributions.truncated_log_normal import TruncatedLogNormal
 from pyro_sbp.distributions.truncated_log_uniform import TruncatedLogUniform
 from pyro_sbp.distributions.truncated_normal import TruncatedNormal
@@ -32,7 +32,12 @@ def _kl_to_uniform(p: TruncatedNormal, q_low, q_high, shape):
     # H = log(sqrt(2 pi e) sigma Z) + (alpha phi(alpha) - beta phi(beta)) / (2 Z), split as
     # log((b' - a') / (b - a)) + KL(N_[a,b] || U[a, b]); the second term is computed on
     # standardised bounds, by quadrature where p is so flat that log(b - a) - H would cancel.
-    kl = _standard.kl_to_uniform(p._alpha, p._beta, p._moments.entropy, p._width)
+    if torch.is_grad_enabled() and (p._cloc.requires_grad or p._cscale.requires_grad):
+        # The same value, differentiated analytically (an SVI step's KL): no graph of its
+        # every branch to record and replay.
+        kl = _kl_grad.kl_to_uniform(p._cloc, p._cscale, p._clow, p._chigh)
+    else:
+        kl = _standard.kl_to_uniform(p._alpha, p._beta, p._moments.entropy, p._width)
     kl = kl + (torch.log(q_high - q_low) - torch.log(p._chigh - p._clow))
     return _finish(kl, _nested(p._clow, p._chigh, q_low, q_high), shape)
 

@@ -84,43 +84,45 @@ class _RSample(torch.autograd.Function):
     def forward(ctx, loc, scale, low, high, u, exp_bounds):
         alpha, beta, width, center = _standardised(loc, scale, low, high)
         ubar = 1.0 - u
-        c = _standard.canonical(alpha, beta, width)
         # exact_quantile=False: the mirrored elements take the quantile at 1 - u, so that in the
-        # canonical frame every sample has CDF value u.
-        offset = _standard.sample_offset(alpha, beta, u, ubar, width, exact_quantile=False)
-        x = torch.minimum(torch.maximum(center + scale * offset, low), high)
-        # The canonical offset from s_c = max(alpha_c, 0): the standardised sample xi_c where
-        # the unit straddles (s_c = 0), the excess z = xi_c - alpha_c in the tail (kept apart:
-        # alpha_c + z would round z away).
-        off = c.sign * offset
+        # canonical frame every sample has CDF value u. The canonical offset from
+        # s_c = max(alpha_c, 0) is the standardised sample xi_c where the unit straddles
+        # (s_c = 0), the excess z = xi_c - alpha_c in the tail (kept apart: alpha_c + z would
+        # round z away).
+        off, c = _standard.sample_offset(
+            alpha, beta, u, ubar, width, exact_quantile=False, canonical_frame=True
+        )
+        x = torch.minimum(torch.maximum(center + scale * (c.sign * off), low), high)
         if exp_bounds is None:
             out = x
         else:
             # exp(log low) can round one ulp below low: clamped (the gradient is exp's).
             out = torch.minimum(torch.maximum(x.exp(), exp_bounds[0]), exp_bounds[1])
-        ctx.save_for_backward(loc, scale, low, high, u, ubar, off, out)
+        # The canonical bounds (compact: one per unit) and the samples' offsets and CDF values.
+        ctx.save_for_backward(c.alpha, c.beta, c.width, c.sign, c.tail, u, ubar, off, out)
         ctx.log_space = exp_bounds is not None
+        ctx.shapes = loc.shape, scale.shape
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        loc, scale, low, high, u, ubar, off, out = ctx.saved_tensors
-        dx_dloc, dx_dscale = _sample_derivatives(loc, scale, low, high, u, ubar, off)
+        al, be, wd, sign, tail, u, ubar, off, out = ctx.saved_tensors
+        c = _standard.Canonical(al, be, wd, sign, tail)
+        dx_dloc, dx_dscale = _sample_derivatives(c, u, ubar, off)
         if ctx.log_space:
             grad = grad * out
         grad_loc = grad_scale = None
         if ctx.needs_input_grad[0]:
-            grad_loc = (grad * dx_dloc).sum_to_size(loc.shape)
+            grad_loc = (grad * dx_dloc).sum_to_size(ctx.shapes[0])
         if ctx.needs_input_grad[1]:
-            grad_scale = (grad * dx_dscale).sum_to_size(scale.shape)
+            grad_scale = (grad * dx_dscale).sum_to_size(ctx.shapes[1])
         return grad_loc, grad_scale, None, None, None, None
 
 
-def _sample_derivatives(loc, scale, low, high, u, ubar, off) -> tuple[Tensor, Tensor]:
+def _sample_derivatives(c: _standard.Canonical, u, ubar, off) -> tuple[Tensor, Tensor]:
     """``(dx/dloc, dx/dscale)`` of the samples at canonical CDF values ``u`` (``ubar = 1 - u``)
-    whose canonical offsets (from ``max(alpha_c, 0)``) are ``off``."""
-    alpha, beta, width, _ = _standardised(loc, scale, low, high)
-    c = _standard.canonical(alpha, beta, width)
+    whose canonical offsets (from ``max(alpha_c, 0)``) are ``off``, for the canonical bounds
+    ``c``."""
     al, be = c.alpha, c.beta
     xi = off
     # The general form: G_alpha = (1 - u) phi(alpha) / phi(xi), G_beta = u phi(beta) / phi(xi),

@@ -599,6 +599,7 @@ def sample_offset(
     width: Tensor | None = None,
     *,
     exact_quantile: bool = True,
+    canonical_frame: bool = False,
 ) -> Tensor:
     r"""Standardised quantile at CDF value ``u`` (with ``ubar = 1 - u`` given exactly), as an
     offset from ``s``: the quantile of the unstandardised variable is
@@ -610,7 +611,9 @@ def sample_offset(
 
     With ``exact_quantile=False`` (for sampling) the mirror is applied to the result only: the
     mirrored element then gets the quantile at ``1 - u``, which has the same distribution when
-    ``u`` is uniform, and two passes over the data are saved.
+    ``u`` is uniform, and two passes over the data are saved. With ``canonical_frame`` as well,
+    the offset is returned in the canonical frame (from ``max(alpha_c, 0)``, unmirrored), with
+    the :class:`Canonical` bounds: ``(offset, canonical)``.
     """
     c = canonical(alpha, beta, width)
     shape = u.shape
@@ -648,4 +651,6 @@ def sample_offset(
 
         (excess,) = _tail_excess(pick(c.alpha), pick(c.beta), pick(c.width), pick(u), pick(ubar))
         off = off.reshape(-1).index_put((idx,), excess).reshape(shape)
+    if canonical_frame and not exact_quantile:
+        return off, c
     return c.sign * off

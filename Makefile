@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[dev,onnx]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[dev,onnx,lightning]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pyro_sbp.data import DATASETS
+from pyro_sbp.methods import METHOD_NAMES
 from pyro_sbp.models import NETWORKS
 
 #: The runtimes of ``pyro-sbp bench --runtime``.
@@ -92,6 +93,15 @@ def _add_train(sub) -> None:
         "--prune-criterion",
         default=None,
         help="prune during training: recompute masks after every SVI epoch (e.g. bmrs-n)",
+    )
+    p.add_argument(
+        "--method",
+        choices=list(METHOD_NAMES),
+        default=d.method,
+        help=(
+            "pruning method: sbp (Structured Bayesian Pruning, the default), sparse-vd (Sparse "
+            "Variational Dropout), bc-gnj / bc-ghs (Bayesian Compression)"
+        ),
     )
     _add_training_options(p, d)
 
@@ -234,14 +244,16 @@ _RESUME_OPTIONS = {
 def _run_train(args) -> int:
     import torch
 
-    from pyro_sbp.infer import Trainer
+    from pyro_sbp.infer.distributed import trainer_class
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    # DistributedTrainer under torchrun (or to resume a run of several processes).
+    trainer_cls = trainer_class(args.out if args.resume else None)
     if args.resume:
         # The run's own settings; only the epochs and the interval may change, and a network
         # given explicitly must be the run's. Other options given are said to be ignored.
-        trainer = Trainer.from_run(
+        trainer = trainer_cls.from_run(
             args.out,
             progress=not args.no_progress,
             epochs=args.epochs,
@@ -270,17 +282,21 @@ def _run_train(args) -> int:
                 "it, --overwrite to start again, or choose another --out"
             )
         config = _config_from_args(
-            args, kl_weight=args.kl_weight, prune_criterion=args.prune_criterion
+            args, kl_weight=args.kl_weight, prune_criterion=args.prune_criterion, method=args.method
         )
-        trainer = Trainer(config, args.out, progress=not args.no_progress)
+        trainer = trainer_cls(config, args.out, progress=not args.no_progress)
     config = trainer.config
     history = trainer.fit()
+    if getattr(trainer, "context", None) is not None and not trainer.context.is_main:
+        return 0
     last = history[-1] if history else {}
     kept = last.get("units_kept")
     summary = f"done: {len(history)} epochs, validation accuracy {last.get('val_accuracy', 0):.4f}"
     if kept:
         total = last["units_total"]
         how = f"masks, {config.prune_criterion}" if config.prune_criterion else "SNR > 1"
+        if config.method != "sbp":
+            how = f"{config.method}, with a kept incoming weight"
         summary += f"; units kept ({how}): " + ", ".join(
             f"{site} {kept[site]}/{total[site]}" for site in kept
         )
@@ -317,34 +333,26 @@ def _add_prune(sub) -> None:
 
 
 def _run_prune(args) -> int:
-    import torch
-
     from pyro_sbp.infer import Trainer, evaluate
     from pyro_sbp.infer.checkpoint import write_text_atomic
-    from pyro_sbp.models import named_gates
-    from pyro_sbp.reduction import (
-        MASKS_NAME,
-        apply_masks,
-        criterion_for_run,
-        parse_criterion,
-        save_masks,
-    )
+    from pyro_sbp.reduction import MASKS_NAME
 
+    method = _method_of_run(args.run_dir)
     if args.criterion is not None:
-        parse_criterion(args.criterion)
+        method.check_criterion(args.criterion)
     # progress: a bar for the criteria that pass over the data (elbo), on a terminal only.
     trainer = Trainer.from_run(args.run_dir, progress=True)
-    criterion = criterion_for_run(args.criterion, trainer.config.prune_criterion)
-    trainer.guide.update_gates()
+    criterion = method.criterion_for_run(args.criterion, trainer.config.prune_criterion)
+    method.update(trainer.net, trainer.guide)
     loader = trainer._eval_loader()
     # The full network has every unit (masks from pruning during training are the criterion's
     # starting point, since masks are cumulative).
-    trained = {site: g.mask.clone() for site, g in named_gates(trainer.net)}
-    apply_masks(trainer.net, {site: torch.ones_like(m) for site, m in trained.items()})
+    trained = method.current_masks(trainer.net)
+    method.apply_masks(trainer.net, method.full_masks(trainer.net))
     before = evaluate(trainer.net, loader, trainer.device)
-    apply_masks(trainer.net, trained)
+    method.apply_masks(trainer.net, trained)
     result = trainer.compute_masks(criterion)
-    apply_masks(trainer.net, result)
+    method.apply_masks(trainer.net, result)
     after = evaluate(trainer.net, loader, trainer.device)
     summary = result.to_dict() | {
         "training_criterion": trainer.config.prune_criterion,
@@ -352,7 +360,7 @@ def _run_prune(args) -> int:
         "val_accuracy_pruned": after,
     }
     run = Path(args.run_dir)
-    save_masks(result, run / MASKS_NAME)
+    method.save_masks(result, run / MASKS_NAME)
     write_text_atomic(json.dumps(summary, indent=1) + "\n", run / "pruning.json")
     print(result.summary())
     print(f"validation accuracy: full {before:.4f}, pruned {after:.4f}")
@@ -381,17 +389,28 @@ def _add_export(sub) -> None:
     )
 
 
+def _method_of_run(run_dir: str):
+    """The :class:`~pyro_sbp.methods.Method` of a run (SBP for a checkpoint without one)."""
+    from pyro_sbp.infer import load_checkpoint
+    from pyro_sbp.infer.checkpoint import CHECKPOINT_NAME
+    from pyro_sbp.methods import get_method
+
+    config = load_checkpoint(Path(run_dir) / CHECKPOINT_NAME)["config"]
+    return get_method(config.get("method", "sbp"))
+
+
 def _load_for_export(run_dir: str, criterion: str | None):
     from pyro_sbp.infer import Trainer
-    from pyro_sbp.reduction import MASKS_NAME, apply_masks, load_masks
+    from pyro_sbp.reduction import MASKS_NAME
 
     trainer = Trainer.from_run(run_dir)
-    trainer.guide.update_gates()
+    method = trainer.method
+    method.update(trainer.net, trainer.guide)
     masks_path = Path(run_dir) / MASKS_NAME
     if criterion is not None:
-        apply_masks(trainer.net, trainer.compute_masks(criterion))
+        method.apply_masks(trainer.net, trainer.compute_masks(criterion))
     elif masks_path.exists():
-        apply_masks(trainer.net, load_masks(masks_path, trainer.net))
+        method.apply_masks(trainer.net, method.load_masks(masks_path, trainer.net))
     else:
         raise FileNotFoundError(
             f"no masks.pt in {run_dir}: run `pyro-sbp prune {run_dir}` or pass --criterion"
@@ -411,24 +430,22 @@ def _require_onnx() -> None:
 
 
 def _run_export(args) -> int:
-    from pyro_sbp.export import (
-        count_parameters,
-        export_full,
-        export_pruned,
-        save_onnx,
-        save_torchscript,
-    )
+    from pyro_sbp.export import count_parameters, save_onnx, save_torchscript
 
     if args.onnx:
         _require_onnx()
+    if args.criterion is not None:
+        _method_of_run(args.run_dir).check_criterion(args.criterion)
     trainer = _load_for_export(args.run_dir, args.criterion)
     shape = trainer.input_shape
     trainer.net.cpu()
-    full = export_full(trainer.net, shape)
-    pruned = export_pruned(trainer.net, shape)
+    full, pruned = trainer.method.export(trainer.net, shape)
     run = Path(args.run_dir)
     save_torchscript(full, run / "full.pt")
     save_torchscript(pruned, run / "pruned.pt")
+    extra = trainer.method.write_exports(trainer.net, shape, run)
+    if extra:
+        print(f"wrote {', '.join(str(run / name) for name in extra)}")
     print(
         f"wrote {run / 'full.pt'} ({count_parameters(full):,} parameters) and "
         f"{run / 'pruned.pt'} ({count_parameters(pruned):,} parameters); inputs {list(shape)} "
@@ -501,11 +518,9 @@ def _check_same(candidate, reference, what: str, reference_path: Path, shape) ->
 def _eager_networks(run: Path, references, shape):
     """The exported networks as plain torch modules, rebuilt from checkpoint.pt and masks.pt,
     checked against full.pt and pruned.pt."""
-    from pyro_sbp.export import export_full, export_pruned
-
     trainer = _load_for_export(str(run), None)
     trainer.net.cpu()
-    networks = export_full(trainer.net, shape), export_pruned(trainer.net, shape)
+    networks = trainer.method.export(trainer.net, shape)
     for module, reference, name in zip(networks, references, ("full", "pruned"), strict=True):
         what = f"the {name} network of {run / 'checkpoint.pt'} and its masks.pt"
         _check_same(module, reference, what, run / f"{name}.pt", shape)
@@ -620,15 +635,13 @@ def _add_report(sub) -> None:
 
 
 def _run_report(args) -> int:
-    from pyro_sbp.diagnostics import format_summary, make_report
-    from pyro_sbp.reduction import parse_criterion
-
+    method = _method_of_run(args.run_dir)
     if args.criterion is not None:
-        parse_criterion(args.criterion)
-    report = make_report(
+        method.check_criterion(args.criterion)
+    report = method.report(
         args.run_dir, args.criterion, bench=not args.no_bench, min_run_time=args.min_run_time
     )
-    print(format_summary(report))
+    print(method.format_summary(report))
     print(f"wrote report.json, posterior.nc, full.pt, pruned.pt and plots/ in {args.run_dir}")
     return 0
 

@@ -9,6 +9,7 @@ from pyro_sbp.infer.checkpoint import (
     save_checkpoint,
 )
 from pyro_sbp.infer.compact_elbo import CompactMeanField_ELBO
+from pyro_sbp.infer.distributed import DistributedRunFailed, DistributedTrainer
 from pyro_sbp.infer.run_lock import RunDirectoryLocked, RunLock
 from pyro_sbp.infer.trainer import (
     DEFAULT_CHECKPOINT_EVERY,
@@ -24,6 +25,8 @@ __all__ = [
     "DEFAULT_CHECKPOINT_EVERY",
     "CheckpointError",
     "CompactMeanField_ELBO",
+    "DistributedRunFailed",
+    "DistributedTrainer",
     "NonFiniteLossError",
     "RunDirectoryLocked",
     "RunLock",
@@ -38,3 +41,15 @@ __all__ = [
     "save_checkpoint",
     "units_kept_snr",
 ]
+
+#: Behind the optional ``lightning`` extra: imported on first use, so that the library works
+#: without Lightning installed.
+_LIGHTNING = ("KLWarmup", "PruneEveryEpoch", "SBPLightningModule")
+
+
+def __getattr__(name: str):
+    if name in _LIGHTNING:
+        from pyro_sbp.infer import lightning
+
+        return getattr(lightning, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

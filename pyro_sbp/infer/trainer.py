@@ -38,17 +38,13 @@ from pyro_sbp.infer.plain_state import (
     set_plain_rng_state,
 )
 from pyro_sbp.infer.run_lock import RunLock
+from pyro_sbp.methods import get_method
 from pyro_sbp.models import (
     DEFAULT_HIGH,
     DEFAULT_LOW,
-    SBPModel,
     build_network,
     check_input,
-    make_prunable,
-    named_gates,
-    set_gates_enabled,
 )
-from pyro_sbp.models.prunable import in_gate
 from pyro_sbp.models.sbp_model import NOISE_MODES, check_kl_weight
 
 HISTORY_NAME = "history.json"
@@ -136,6 +132,9 @@ class TrainConfig:
     :ivar finetune_epochs: SVI epochs after the ``epochs``, with the masks frozen.
     :ivar input_gates: ``nn.Linear`` layers whose input features also get gates (see
         :func:`~pyro_sbp.models.make_prunable`), e.g. ``["classifier.1"]``.
+    :ivar method: the pruning method, a name from :data:`pyro_sbp.methods.METHODS`
+        (``"sbp"``, ``"sparse-vd"``, ``"bc-gnj"``, ``"bc-ghs"``), which prepares the network
+        and builds the model and guide; a checkpoint without it is SBP's.
     :ivar checkpoint_every: also write a checkpoint every this many training steps (pretraining
         and SVI), so that a kill loses at most that many; 0 writes one after every epoch only.
         A run resumed from a checkpoint inside an epoch continues with the very batch it
@@ -144,6 +143,7 @@ class TrainConfig:
 
     model: str = "digits-mlp"
     dataset: str = "digits"
+    method: str = "sbp"
     data_dir: str | None = None
     epochs: int = 10
     pretrain_epochs: int = 5
@@ -174,10 +174,9 @@ class TrainConfig:
     dataset_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.prune_criterion is not None:
-            from pyro_sbp.reduction import parse_criterion
-
-            parse_criterion(self.prune_criterion)
+        get_method(self.method).check_criterion(self.prune_criterion)
+        if self.method != "sbp" and self.input_gates:
+            raise ValueError(f"input_gates are SBP's; method {self.method!r} takes none")
         keys = ("epochs", "pretrain_epochs", "kl_warmup_epochs", "finetune_epochs")
         for key in (*keys, "checkpoint_every"):
             if int(getattr(self, key)) < 0:
@@ -316,18 +315,18 @@ class Trainer:
         self.config = config = dataclasses.replace(config)
         self.progress = progress
         self.device = resolve_device(config.device)
+        #: The pruning method (:mod:`pyro_sbp.methods`): network, model, guide and masks.
+        self.method = get_method(config.method)
 
         pyro.set_rng_seed(config.seed)
         pyro.clear_param_store()
         self.splits = splits if splits is not None else self._load_data()
-        self.loaders = make_loaders(self.splits, config.batch_size, seed=config.seed)
+        self.loaders = self._make_loaders()
         self.net = self._build_network().to(self.device)
         self.input_shape = tuple(self.splits.input_shape)
         num_data = self.splits.num_train
-        self.model = SBPModel(
-            self.net, num_data, self.input_shape, kl_weight=config.kl_weight, noise=config.noise
-        )
-        self.guide = SBPGuide(self.net, num_data, init_log_scale=config.init_log_scale)
+        self.model = self.method.build_model(self.net, num_data, self.input_shape, config)
+        self.guide = self.method.build_guide(self.net, num_data, config)
         self.optim = Adam(self._optim_args)
         self.elbo = CompactMeanField_ELBO()
         self.pretrain_optim = torch.optim.Adam(self.net.parameters(), lr=config.pretrain_lr)
@@ -407,10 +406,10 @@ class Trainer:
                 f"{c.dataset!r} has {tuple(self.splits.input_shape)}"
                 + (" (pass resize=32)" if tuple(expected)[-1] == 32 else "")
             )
-        return make_prunable(net, input_layers=c.input_gates, low=c.low, high=c.high)
+        return self.method.prepare(net, c)
 
     def _base_lr(self, name: str) -> float:
-        return self.config.gate_lr if in_gate(name) else self.config.lr
+        return self.config.gate_lr if self.method.is_variational(name) else self.config.lr
 
     def _optim_args(self, name: str) -> dict:
         return {"lr": self._base_lr(name) * self._lr_factor, "betas": (self.config.beta1, 0.999)}
@@ -450,8 +449,8 @@ class Trainer:
         # A plain state dict or a pyro-sbp checkpoint, both loaded safely (never unpickling).
         state = load_weights(path, map_location=self.device)
         # Pretrained weights come from a plain network: gate buffers may be absent.
-        own = {k: v for k, v in self.net.state_dict().items() if not in_gate(k)}
-        theirs = {k: v for k, v in state.items() if not in_gate(k)}
+        own = {k: v for k, v in self.net.state_dict().items() if not self.method.is_variational(k)}
+        theirs = {k: v for k, v in state.items() if not self.method.is_variational(k)}
         diffs = architecture_mismatch(architecture(own), architecture(theirs))
         if diffs:
             raise ValueError(
@@ -497,7 +496,22 @@ class Trainer:
             "num_classes": self.splits.num_classes,
         }
 
+    def _make_loaders(self) -> dict:
+        return make_loaders(self.splits, self.config.batch_size, seed=self.config.seed)
+
+    def _check_world_size(self, ckpt: dict) -> None:
+        # A run of several processes stopped inside an epoch read that epoch's batches in
+        # shards (see pyro_sbp.infer.distributed): only DistributedTrainer can continue it.
+        world = (ckpt.get("distributed") or {}).get("world_size", 1)
+        if world > 1 and ckpt.get("epoch_progress") is not None:
+            raise ValueError(
+                f"the checkpoint in {self.out_dir} was written inside an epoch by a run of "
+                f"{world} processes: resume it with DistributedTrainer (torchrun, or "
+                "`pyro-sbp train --resume`)"
+            )
+
     def _restore(self, ckpt: dict) -> None:
+        self._check_world_size(ckpt)
         found = ckpt.get("architecture") or architecture(ckpt["net_state"])
         diffs = architecture_mismatch(architecture(self.net.state_dict()), found)
         if diffs:
@@ -535,9 +549,7 @@ class Trainer:
     def compute_masks(self, criterion: str):
         """:func:`~pyro_sbp.reduction.compute_masks` for this run's network and guide, with its
         training split as the data (which ``elbo`` needs)."""
-        from pyro_sbp.reduction import compute_masks
-
-        return compute_masks(
+        return self.method.compute_masks(
             self.net, self.guide, criterion, self.splits.train.tensors, progress=self.progress
         )
 
@@ -565,8 +577,7 @@ class Trainer:
         c = self.config
         total = c.pretrain_epochs + c.epochs + c.finetune_epochs
         done = self.pretrain_done + self.svi_done
-        lock = RunLock(self.out_dir) if self.out_dir is not None else contextlib.nullcontext()
-        with lock, _StopOnSignal() as self._stop:
+        with self._run_lock(), _StopOnSignal() as self._stop:
             self._remove_partial_writes()
             bar = tqdm(
                 total=total,
@@ -592,6 +603,9 @@ class Trainer:
                 self._stop = None
         return self.history
 
+    def _run_lock(self):
+        return RunLock(self.out_dir) if self.out_dir is not None else contextlib.nullcontext()
+
     def _remove_partial_writes(self) -> None:
         """Delete the temporary files of writes that a killed run left half done (this run
         holds the directory's lock, so no live writer owns them)."""
@@ -606,7 +620,9 @@ class Trainer:
             return
         store = pyro.get_param_store()
         gates = {
-            k: v.detach().clone() for k, v in store.get_state()["params"].items() if in_gate(k)
+            k: v.detach().clone()
+            for k, v in store.get_state()["params"].items()
+            if self.method.is_variational(k)
         }
         self.best = {
             "epoch": record["epoch"],
@@ -624,7 +640,7 @@ class Trainer:
         with torch.no_grad():
             for name, value in self.best["guide_params"].items():
                 store[name].unconstrained().copy_(value)
-        self.guide.update_gates()
+        self.method.update(self.net, self.guide)
         self.best["kept"] = True
         self.save()
 
@@ -709,25 +725,15 @@ class Trainer:
         raise TrainingInterrupted(message, self._stop.signum)
 
     def _pretrain_epoch(self, epoch: int) -> dict:
-        set_gates_enabled(self.net, False)
+        self.method.set_stochastic(self.net, False)
         self.net.train()
         progress = self._start_epoch("pretrain", epoch)
         for x, y, _ in self._batches(f"pretrain {epoch + 1}", progress):
             x, y = x.to(self.device), y.to(self.device)
             check_input(x, self.input_shape)
-            loss = F.cross_entropy(self.net(x), y)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"non-finite cross-entropy in pretraining epoch {epoch + 1}, "
-                    f"step {self.global_step}"
-                )
-            loss.backward()
-            self.pretrain_optim.step()
-            # Left in .grad, the last batch's gradient would be added to the first SVI step's.
-            self.pretrain_optim.zero_grad(set_to_none=True)
-            self._after_step(progress, loss.item() * len(y), len(y))
-        acc = evaluate(self.net, self._eval_loader(), self.device)
-        set_gates_enabled(self.net, True)
+            self._after_step(progress, *self._pretrain_step(epoch, x, y))
+        acc = self._evaluate()
+        self.method.set_stochastic(self.net, True)
         return {
             "phase": "pretrain",
             "epoch": epoch + 1,
@@ -736,8 +742,32 @@ class Trainer:
             "seconds": progress.elapsed(),
         }
 
+    def _pretrain_step(self, epoch: int, x, y) -> tuple[float, float]:
+        """One step of deterministic training; returns the batch's summed loss and size."""
+        loss = F.cross_entropy(self.net(x), y)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite cross-entropy in pretraining epoch {epoch + 1}, "
+                f"step {self.global_step}"
+            )
+        loss.backward()
+        self.pretrain_optim.step()
+        # Left in .grad, the last batch's gradient would be added to the first SVI step's.
+        self.pretrain_optim.zero_grad(set_to_none=True)
+        return loss.item() * len(y), len(y)
+
+    def _evaluate(self) -> float:
+        return evaluate(self.net, self._eval_loader(), self.device)
+
+    def _prune(self) -> None:
+        """Recompute the masks with the run's criterion and apply them (end of an epoch)."""
+        method = self.method
+        if self.config.prune_masks == "fresh":
+            method.apply_masks(self.net, method.full_masks(self.net))
+        method.apply_masks(self.net, self.compute_masks(self.config.prune_criterion))
+
     def _svi_epoch(self, epoch: int, prune: bool = False) -> dict:
-        set_gates_enabled(self.net, True)
+        self.method.set_stochastic(self.net, True)
         self.net.train()
         progress = self._start_epoch("svi", epoch)
         beta = self.kl_weight(epoch)
@@ -746,23 +776,13 @@ class Trainer:
             x, y, idx = x.to(self.device), y.to(self.device), idx.to(self.device)
             loss = self._step(epoch, x, y, idx, beta)
             self._after_step(progress, loss, len(y))
-        self.guide.update_gates()
+        self.method.update(self.net, self.guide)
         record = {}
         if prune:
-            from pyro_sbp.reduction import apply_masks
-
-            if self.config.prune_masks == "fresh":
-                apply_masks(
-                    self.net, {s: torch.ones_like(g.mask) for s, g in named_gates(self.net)}
-                )
-            result = self.compute_masks(self.config.prune_criterion)
-            apply_masks(self.net, result)
+            self._prune()
             record["criterion"] = self.config.prune_criterion
-        if self.config.prune_criterion is not None:
-            kept = {site: int(g.mask.sum()) for site, g in named_gates(self.net)}
-        else:
-            kept = units_kept_snr(self.guide)
-        acc = evaluate(self.net, self._eval_loader(), self.device)
+        summary = self.method.epoch_summary(self.net, self.guide, self.config)
+        acc = self._evaluate()
         finetune = epoch >= self.config.epochs
         return record | {
             "phase": "finetune" if finetune else "svi",
@@ -773,8 +793,7 @@ class Trainer:
             "kl_weight": self._effective_kl_weight(beta),
             "lr_factor": self._lr_factor,
             "val_accuracy": acc,
-            "units_kept": kept,
-            "units_total": {site: g.num_units for site, g in named_gates(self.net)},
+            **summary,
             "seconds": progress.elapsed(),
         }
 

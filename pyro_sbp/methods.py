@@ -181,6 +181,46 @@ class Method:
         return f"<method {self.name!r}: {self.description}>"
 
 
+class LayerMasksMethod(Method):
+    """A method whose masks are one bool tensor per Bayesian layer (``{layer: mask}``, the
+    layers' own ``mask`` buffers), saved as ``masks.pt``: Sparse VD's weight masks and Bayesian
+    Compression's group masks. A subclass says which layers (:meth:`layers`), how a pruning
+    result is turned into masks (its ``masks()``) and how masks are checked against a network
+    (:meth:`check_layer_masks`, a ValueError naming what differs)."""
+
+    def layers(self, net: nn.Module) -> list[tuple[str, nn.Module]]:
+        raise NotImplementedError
+
+    def check_layer_masks(self, net: nn.Module, masks: dict[str, Tensor]) -> None:
+        raise NotImplementedError
+
+    def current_masks(self, net):
+        return {name: layer.mask.detach().cpu() > 0 for name, layer in self.layers(net)}
+
+    def save_masks(self, masks, path):
+        from pyro_sbp.infer.checkpoint import save_atomic
+
+        if not isinstance(masks, Mapping):
+            masks = masks.masks()
+        save_atomic({k: m.detach().cpu().to(torch.bool) for k, m in masks.items()}, path)
+
+    def load_masks(self, path, net=None):
+        from pyro_sbp.infer.checkpoint import CheckpointError, safe_load
+
+        masks = safe_load(Path(path), "masks file")
+        if not isinstance(masks, dict) or not all(
+            isinstance(k, str) and isinstance(v, Tensor) and v.dtype == torch.bool
+            for k, v in masks.items()
+        ):
+            raise CheckpointError(f"{path}: not a masks file ({{layer: bool tensor}})")
+        if net is not None:
+            try:
+                self.check_layer_masks(net, masks)
+            except ValueError as e:
+                raise CheckpointError(f"{path} holds masks for another network: {e}") from None
+        return masks
+
+
 class SBPMethod(Method):
     """Structured Bayesian Pruning, exactly the library's original path (gates, criteria of
     :mod:`pyro_sbp.reduction`, :func:`~pyro_sbp.export.export_pruned`, the SBP report)."""

@@ -62,8 +62,16 @@ def test_a_criterion_of_another_method_is_refused():
         _config(input_gates=["classifier.1"])
 
 
-def test_a_short_sparse_vd_run(tmp_path):
+@pytest.fixture
+def one_thread():
+    # Restored after the test: later tests keep the machine's threads.
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_short_sparse_vd_run(tmp_path, one_thread):
     trainer = Trainer(_config(), tmp_path / "run", progress=False)
     assert isinstance(trainer.model, SparseVDModel) and isinstance(trainer.guide, SparseVDGuide)
     assert not list(named_gates(trainer.net))

@@ -83,7 +83,7 @@ from torch import Tensor, nn
 
 from pyro_sbp.distributions import Jeffreys, SparseVDNormal, half_cauchy_factors
 from pyro_sbp.distributions.sparse_vd import LOG_ALPHA_MAX, LOG_ALPHA_MIN, THETA2_EPS
-from pyro_sbp.methods import Method, register_method
+from pyro_sbp.methods import LayerMasksMethod, register_method
 from pyro_sbp.models.sbp_model import check_input, check_kl_weight, data_indices
 
 #: The two priors on the group scales.
@@ -795,7 +795,7 @@ def apply_group_masks(net: nn.Module, masks: Mapping[str, Tensor] | GroupPruning
         layers[name].mask.copy_(m.to(layers[name].mask))
 
 
-class BCMethod(Method):
+class BCMethod(LayerMasksMethod):
     """Bayesian Compression on the pipeline (:mod:`pyro_sbp.methods`): masks per layer, one
     bool per group; export removes the groups physically
     (:func:`pyro_sbp.export.bit_precision.export_bc`) and writes the quantised network and
@@ -841,34 +841,14 @@ class BCMethod(Method):
     def compute_masks(self, net, guide, criterion, data=None, *, progress=False):
         return compute_group_masks(net, criterion)
 
-    def current_masks(self, net):
-        return {name: layer.mask.detach().cpu() > 0 for name, layer in _layers(net)}
+    def layers(self, net):
+        return _layers(net)
+
+    def check_layer_masks(self, net, masks):
+        check_group_masks(net, masks)
 
     def apply_masks(self, net, masks):
         apply_group_masks(net, masks)
-
-    def save_masks(self, masks, path):
-        from pyro_sbp.infer.checkpoint import save_atomic
-
-        if isinstance(masks, GroupPruningResult):
-            masks = masks.masks()
-        save_atomic({k: m.detach().cpu().to(torch.bool) for k, m in masks.items()}, path)
-
-    def load_masks(self, path, net=None):
-        from pyro_sbp.infer.checkpoint import CheckpointError, safe_load
-
-        masks = safe_load(Path(path), "masks file")
-        if not isinstance(masks, dict) or not all(
-            isinstance(k, str) and isinstance(v, Tensor) and v.dtype == torch.bool
-            for k, v in masks.items()
-        ):
-            raise CheckpointError(f"{path}: not a masks file ({{layer: bool tensor}})")
-        if net is not None:
-            try:
-                check_group_masks(net, masks)
-            except ValueError as e:
-                raise CheckpointError(f"{path} holds masks for another network: {e}") from None
-        return masks
 
     def export(self, net, input_shape):
         from pyro_sbp.export.bit_precision import export_bc

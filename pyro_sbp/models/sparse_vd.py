@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from pyro_sbp.distributions import ImproperLogUniform, SparseVDNormal
 from pyro_sbp.distributions.sparse_vd import LOG_ALPHA_MAX, LOG_ALPHA_MIN, THETA2_EPS
-from pyro_sbp.methods import Method, register_method
+from pyro_sbp.methods import LayerMasksMethod, register_method
 from pyro_sbp.models.sbp_model import check_input, check_kl_weight, data_indices
 
 #: The papers' threshold: a weight is removed when its log alpha exceeds it.
@@ -681,7 +681,7 @@ def to_arviz(
     return xr.DataTree.from_dict({"posterior": post, "constant_data": const})
 
 
-class SparseVDMethod(Method):
+class SparseVDMethod(LayerMasksMethod):
     """Sparse VD on the pipeline (:mod:`pyro_sbp.methods`): masks are per weight (by layer
     name), the default criterion ``log-alpha:3``; export removes the dead units and stores the
     kept weights as CSR (:mod:`pyro_sbp.export.sparse`)."""
@@ -727,34 +727,14 @@ class SparseVDMethod(Method):
     def compute_masks(self, net, guide, criterion, data=None, *, progress=False):
         return compute_weight_masks(net, criterion)
 
-    def current_masks(self, net):
-        return {name: layer.mask.detach().cpu() > 0 for name, layer in _layers(net)}
+    def layers(self, net):
+        return _layers(net)
+
+    def check_layer_masks(self, net, masks):
+        check_weight_masks(net, masks)
 
     def apply_masks(self, net, masks):
         apply_weight_masks(net, masks)
-
-    def save_masks(self, masks, path):
-        from pyro_sbp.infer.checkpoint import save_atomic
-
-        if isinstance(masks, WeightPruningResult):
-            masks = masks.masks()
-        save_atomic({k: m.detach().cpu().to(torch.bool) for k, m in masks.items()}, path)
-
-    def load_masks(self, path, net=None):
-        from pyro_sbp.infer.checkpoint import CheckpointError, safe_load
-
-        masks = safe_load(Path(path), "masks file")
-        if not isinstance(masks, dict) or not all(
-            isinstance(k, str) and isinstance(v, Tensor) and v.dtype == torch.bool
-            for k, v in masks.items()
-        ):
-            raise CheckpointError(f"{path}: not a masks file ({{layer: bool tensor}})")
-        if net is not None:
-            try:
-                check_weight_masks(net, masks)
-            except ValueError as e:
-                raise CheckpointError(f"{path} holds masks for another network: {e}") from None
-        return masks
 
     def export(self, net, input_shape):
         from pyro_sbp.export.sparse import export_sparse_vd

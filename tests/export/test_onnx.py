@@ -150,11 +150,13 @@ def test_torchscript_and_onnx_files_run_without_pyro(name, tmp_path):
         "import torch\n"
         f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
         f"m = torch.jit.load({str(tmp_path / 'pruned.pt')!r})\n"
-        "assert torch.equal(m(io['x']), io['y'])\n"
+        # Within rounding: this interpreter's thread count (the convolutions' summation
+        # order) may differ from the test's.
+        "tol = 1e-5 * max(1.0, float(np.abs(io['y'].numpy()).max()))\n"
+        "assert (m(io['x']) - io['y']).abs().max().item() <= tol\n"
         f"s = ort.InferenceSession({str(tmp_path / 'pruned.onnx')!r},\n"
         "                         providers=['CPUExecutionProvider'])\n"
         "y = s.run(None, {'input': io['x'].numpy()})[0]\n"
-        "tol = 1e-5 * max(1.0, float(np.abs(io['y'].numpy()).max()))\n"
         "assert y.dtype == np.float32 and np.abs(y - io['y'].numpy()).max() <= tol\n"
         "assert 'pyro' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
         "print('ok')\n"

@@ -462,7 +462,9 @@ def render(data: dict) -> str:
     for (network, method), p in PUBLISHED.items():
         if method not in data["methods"] or network not in data["networks"]:
             continue
-        svd = f"{p['svd_paper_ratio']} ({p['svd_paper_error']})" if "svd_paper_ratio" in p else "-"
+        svd = str(p.get("svd_paper_ratio", "-"))
+        if "svd_paper_error" in p:
+            svd += f" ({p['svd_paper_error']})"
         lines.append(
             f"| {network} | {method} | {p['architecture']} | {p['bits']} | "
             f"{p['nonzero_percent']} | {p['rates'][0]} | {p['rates'][1]} | {p['rates'][2]} | "

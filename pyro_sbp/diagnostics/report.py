@@ -1,6 +1,7 @@
 """The run report: ``report.json``, ``posterior.nc``, the exported networks and the plots."""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +193,62 @@ def _plot_tradeoff(curves: dict, path: Path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+@dataclass
+class PrunedRun:
+    """What :func:`prune_and_export` leaves for a method's report to add to."""
+
+    run: Path
+    trainer: Trainer
+    criterion: str
+    result: object
+    accuracy_full: float
+    accuracy_pruned: float
+    input_shape: tuple[int, ...]
+    full: torch.nn.Module
+    pruned: torch.nn.Module
+    measured: dict
+
+
+def prune_and_export(
+    run_dir, criterion, *, bench, batch_sizes, min_run_time, num_draws
+) -> PrunedRun:
+    """The part of ``pyro-sbp report`` that every method with per-layer masks shares
+    (:class:`~pyro_sbp.methods.LayerMasksMethod`): the run restored on the CPU, the test
+    accuracy with every unit and with the masks of ``criterion`` (written to ``masks.pt``), the
+    exports (``full.pt``, ``pruned.pt`` and the method's own files), their FLOPs and CPU latency,
+    and posterior draws (``posterior.nc``)."""
+    from pyro_sbp.reduction import MASKS_NAME
+
+    run = Path(run_dir)
+    trainer = Trainer.from_run(run)
+    method = trainer.method
+    criterion = method.criterion_for_run(criterion, trainer.config.prune_criterion)
+    trainer.net.cpu()
+    trainer.device = torch.device("cpu")
+    test_loader = trainer.loaders["test"]
+    trained = method.current_masks(trainer.net)
+    method.apply_masks(trainer.net, method.full_masks(trainer.net))
+    full_acc = evaluate(trainer.net, test_loader, trainer.device)
+    method.apply_masks(trainer.net, trained)
+    result = trainer.compute_masks(criterion)
+    method.apply_masks(trainer.net, result)
+    pruned_acc = evaluate(trainer.net, test_loader, trainer.device)
+    method.save_masks(result, run / MASKS_NAME)
+
+    shape = tuple(trainer.input_shape)
+    full, pruned = method.export(trainer.net, shape)
+    save_torchscript(full, run / "full.pt")
+    save_torchscript(pruned, run / "pruned.pt")
+    method.write_exports(trainer.net, shape, run)
+    measured = compare(full, pruned, shape, batch_sizes if bench else (), ("cpu",), min_run_time)
+    save_netcdf(
+        method.to_arviz(trainer.net, trainer.guide, num_draws=num_draws), run / "posterior.nc"
+    )
+    return PrunedRun(
+        run, trainer, criterion, result, full_acc, pruned_acc, shape, full, pruned, measured
+    )
 
 
 def make_report(

@@ -490,44 +490,29 @@ def make_bc_report(
     CPU latency; writes ``report.json``, ``masks.pt``, ``full.pt``, ``pruned.pt``,
     ``quantized.pt``, ``compression.json``, ``posterior.nc`` and ``plots/`` into ``run_dir``."""
     import json
-    from pathlib import Path
 
-    from pyro_sbp.diagnostics.arviz_data import save_netcdf
-    from pyro_sbp.export import compare, count_parameters, save_torchscript
-    from pyro_sbp.infer import Trainer, evaluate
+    from pyro_sbp.diagnostics.report import prune_and_export
+    from pyro_sbp.export import count_parameters
+    from pyro_sbp.infer import evaluate
     from pyro_sbp.infer.checkpoint import write_text_atomic
     from pyro_sbp.models.bayesian_compression import parse_criterion
-    from pyro_sbp.reduction import MASKS_NAME
 
-    run = Path(run_dir)
-    trainer = Trainer.from_run(run)
+    done = prune_and_export(
+        run_dir,
+        criterion,
+        bench=bench,
+        batch_sizes=batch_sizes,
+        min_run_time=min_run_time,
+        num_draws=num_draws,
+    )
+    run, trainer, criterion, result = done.run, done.trainer, done.criterion, done.result
+    full_acc, pruned_acc, shape = done.accuracy_full, done.accuracy_pruned, done.input_shape
+    full, pruned, measured = done.full, done.pruned, done.measured
     method = trainer.method
-    criterion = method.criterion_for_run(criterion, trainer.config.prune_criterion)
-    trainer.net.cpu()
-    trainer.device = torch.device("cpu")
-    test_loader = trainer.loaders["test"]
-    trained = method.current_masks(trainer.net)
-    method.apply_masks(trainer.net, method.full_masks(trainer.net))
-    full_acc = evaluate(trainer.net, test_loader, trainer.device)
-    method.apply_masks(trainer.net, trained)
-    result = trainer.compute_masks(criterion)
-    method.apply_masks(trainer.net, result)
-    pruned_acc = evaluate(trainer.net, test_loader, trainer.device)
-    method.save_masks(result, run / MASKS_NAME)
-
-    shape = tuple(trainer.input_shape)
-    full, pruned = method.export(trainer.net, shape)
-    save_torchscript(full, run / "full.pt")
-    save_torchscript(pruned, run / "pruned.pt")
-    method.write_exports(trainer.net, shape, run)
     compression = json.loads((run / "compression.json").read_text())
     bits = {name: r["significand_bits"] for name, r in compression["layers"].items()}
     quantized = export_bc(trainer.net, shape, bits=bits)
-    quantized_acc = evaluate(quantized, test_loader, trainer.device)
-    measured = compare(full, pruned, shape, batch_sizes if bench else (), ("cpu",), min_run_time)
-    save_netcdf(
-        method.to_arviz(trainer.net, trainer.guide, num_draws=num_draws), run / "posterior.nc"
-    )
+    quantized_acc = evaluate(quantized, trainer.loaders["test"], trainer.device)
     plots = run / "plots"
     plots.mkdir(exist_ok=True)
     kind, value = parse_criterion(criterion, method.prior)

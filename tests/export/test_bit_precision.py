@@ -136,3 +136,25 @@ def test_export_bad_input():
     net = make_bayesian_compression(build_network("digits-mlp"))
     with pytest.raises(ValueError, match="shape"):
         export_bc(net, (1, 8, 8), masks={"classifier.1": torch.ones(3)})
+
+
+def test_the_report_of_a_short_run_writes_its_files(tmp_path):
+    from pyro_sbp.export.bit_precision import format_bc_summary, make_bc_report
+    from pyro_sbp.infer import TrainConfig, Trainer
+
+    config = TrainConfig(
+        model="digits-mlp",
+        dataset="digits",
+        method="bc-gnj",
+        epochs=1,
+        pretrain_epochs=1,
+        batch_size=128,
+    )
+    Trainer(config, tmp_path, progress=False).fit()
+    report = make_bc_report(tmp_path, bench=False, num_draws=10)
+    for name in ("report.json", "masks.pt", "full.pt", "pruned.pt", "compression.json"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "posterior.nc").is_file()
+    assert report["criterion"] == "log-alpha:-3" and report["latency_cpu"] == []
+    assert 0.0 <= report["accuracy_quantized"] <= 1.0
+    assert "fast prediction" in format_bc_summary(report)

@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -e '.[dev,onnx,lightning]'
+	# The native gate kernels (pyro_sbp._native), built now rather than at their first use.
+	$(VENV)/bin/python -m pyro_sbp._native || echo "native kernels not built: the PyTorch path runs"
 	touch $(STAMP)
 
 demo: $(STAMP)

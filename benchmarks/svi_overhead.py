@@ -3,44 +3,51 @@
 For LeNet5-Caffe (570 gates: 20 + 50 + 500 units) and a minibatch of random inputs, labels and
 training-set positions on the CPU, times
 
-* svi (the headline): one ``svi.step(x, y, idx)`` of
-  ``SVI(SBPModel(net, 60000, (1, 28, 28)), SBPGuide(net, 60000), pyro.optim.Adam(...),
-  TraceMeanField_ELBO())`` with ``net = make_prunable(build_network("lenet5-caffe"))``, with
-  Pyro's validation as a user has it (Pyro's default: on, ``__debug__``, unless ``python -O``),
-  against
+* svi (the headline): one step of the README's quickstart, ``optim.zero_grad()``,
+  ``CompactMeanField_ELBO().differentiable_loss(model, guide, x, y, idx).backward()``,
+  ``optim.step()`` with ``model = SBPModel(net, 60000, (1, 28, 28))``,
+  ``guide = SBPGuide(net, 60000)``, ``net = make_prunable(build_network("lenet5-caffe"))`` and
+  ``optim = pyro_sbp.infer.adam(...)`` (one ``torch.optim.Adam``, two parameter groups, fused),
+  with Pyro's validation as a user has it (Pyro's default: on, ``__debug__``, unless
+  ``python -O``), against
 * plain: one training step of a separate plain ``build_network("lenet5-caffe")`` (no gates):
-  cross-entropy, ``torch.optim.Adam`` ``zero_grad`` / ``backward`` / ``step``,
+  cross-entropy, ``torch.optim.Adam`` (its defaults) ``zero_grad`` / ``backward`` / ``step``,
 
 alternating them (and the variants below) in one run, in an order that rotates every
 repetition, and writes the medians, their interquartile ranges and the ratio
 (svi / plain) to ``benchmarks/results/svi_overhead.json``. Target: ratio <= 1.3. It also counts,
-with ``torch.profiler``, the aten operator calls (nested ones included) and the host
-synchronisations (``_local_scalar_dense``, ``nonzero``) of one plain, one svi and one svi_lean
-step, before the timing, at the gates' initial posteriors (a gate that has moved beyond a bound
-takes the tail formulas, which cost more operations): ``ops``, ``ops_svi``, ``ops_plain``,
-``ops_ratio`` (target <= 3) and ``host_syncs_svi`` (target 0). Operation counts are exact and
-machine-independent. On the CPU the gate distributions ask whether a rare branch is needed
-(``_standard.DENSE_BRANCHES``; waiting is free there); on CUDA they run every branch and
-synchronise nothing. ``peak_memory_bytes`` and ``peak_memory_ratio`` (target <= 2) are each
-step's peak from the profiler's memory timeline.
+with ``torch.profiler``, the operator calls (``aten::`` and the native gate kernels'
+``pyro_sbp::``, nested ones included) and the host synchronisations (``_local_scalar_dense``,
+``nonzero``) of one step of each of plain, svi, plain_fused_adam, svi_trace_mean_field and
+svi_lean, before the timing, at the gates' initial posteriors: ``ops``, ``ops_svi``,
+``ops_plain``, ``ops_ratio`` (target <= 3) and ``host_syncs_svi``. Operation counts are exact and
+machine-independent. On the CPU the gate distributions run the native kernels
+(:mod:`pyro_sbp._native`: one operator call per sampler or KL, each unit's branch taken inside
+it); on CUDA the PyTorch operators take every branch densely and synchronise nothing.
+``peak_memory_bytes`` and ``peak_memory_ratio`` (target <= 2) are each step's peak from the
+profiler's memory timeline.
 
 Variants, timed in the same loop to show where the time goes (``--no-variants`` skips them):
 
 * svi_no_validation: the same step under ``pyro.enable_validation(False)``;
+* plain_fused_adam: the plain step with ``torch.optim.Adam(..., fused=True)``, the svi step's
+  optimiser (``ops_ratio_to_plain_fused_adam``);
+* svi_trace_mean_field: the path this benchmark timed first, ``SVI(model, guide,
+  pyro.optim.Adam(...), TraceMeanField_ELBO()).step(x, y, idx)`` (``ops_ratio_trace_mean_field``);
 * svi_jit (only with ``--jit``): ``JitTraceMeanField_ELBO`` (own SVI on the same network and
   parameters). The gate distributions have no data-dependent branch (``_standard._overlay``
   runs every branch and picks by ``torch.where``), so the trace records the whole step; it was
   several times slower than the default step, its memory growing by some 20 MB a step, when
   last measured (torch 2.14, Pyro 1.9.2);
-* svi_lean: the same step with the library's ``CompactMeanField_ELBO`` (the Trainer's and the
-  README's ELBO): ``TraceMeanField_ELBO``'s loss and gradients without the log-densities of the
+* svi_lean: ``SVI(model, guide, pyro.optim.Adam(...), CompactMeanField_ELBO()).step``: the
+  library's ELBO (``TraceMeanField_ELBO``'s loss and gradients without the log-densities of the
   latent sites that it computes and never uses, each gate KL computed once per unit on the
-  un-expanded parameters instead of once per example and unit;
-* svi_textbook_gates: the default step with the gates' posteriors, their samples and their KL
-  computed by the textbook formulas (:class:`TextbookTruncatedLogNormal`; wrong in the tails):
-  the floor of an SVI step with SBP's truncated gates in eager PyTorch
+  un-expanded parameters) with Pyro's optimiser per parameter;
+* svi_textbook_gates: the svi_trace_mean_field step with the gates' posteriors, their samples
+  and their KL computed by the textbook formulas (:class:`TextbookTruncatedLogNormal`; wrong in
+  the tails): the floor of such an SVI step with SBP's truncated gates in eager PyTorch
   (``svi_textbook_floor_ratio``);
-* svi_gate_at_layer: the default step on a network made prunable with
+* svi_gate_at_layer: the svi_trace_mean_field step on a network made prunable with
   ``make_prunable(..., gate_after_pool=False)``: each convolution's gate on the convolution's
   output instead of after its max-pooling (the same function, four times the elements);
 * torch_gated: the same gated computation in plain PyTorch, no Pyro (:func:`_gated_logits`,
@@ -49,9 +56,6 @@ Variants, timed in the same loop to show where the time goes (``--no-variants`` 
 * torch_gated_as_pyro: the same, plus the tensor work ``TraceMeanField_ELBO`` does on top: the
   KL of the plate-expanded distributions (batch x units) and the unused log-densities of the
   guide's and the prior's samples;
-* svi_lean_torch_optim: the lean ELBO's ``differentiable_loss`` with one ``torch.optim.Adam``
-  (two parameter groups, ``foreach``) instead of ``pyro.optim.Adam``, which keeps one torch
-  optimizer per parameter and steps them one by one;
 * torch_gated_fused: torch_gated with one ``TruncatedLogNormal`` over all 570 gates (one
   ``rsample`` and one KL instead of one per layer);
 * torch_gated_lognormal: the gated network with untruncated log-normal gates
@@ -62,7 +66,7 @@ Variants, timed in the same loop to show where the time goes (``--no-variants`` 
   formulas (:func:`_textbook_gates`, wrong in the tails): the floor for a step with SBP's
   truncated gates, in eager PyTorch and without Pyro (``truncated_floor_ratio``).
 
-``--profile`` instead profiles the default SVI step (cProfile, by function; then
+``--profile`` instead profiles the svi_trace_mean_field step (cProfile, by function; then
 ``torch.profiler``, by operator, on one thread) and prints the tables.
 
 ``--device cuda`` runs the same figures on a GPU: every tensor is created there
@@ -102,6 +106,7 @@ from torch.distributions import Normal, kl_divergence, register_kl
 from pyro_sbp.distributions import TruncatedLogNormal, TruncatedLogUniform, _standard
 from pyro_sbp.guides import SBPGuide
 from pyro_sbp.infer import CompactMeanField_ELBO
+from pyro_sbp.infer.optim import adam
 from pyro_sbp.models import (
     DEFAULT_HIGH,
     DEFAULT_LOW,
@@ -323,17 +328,24 @@ def build_steps(args, x, y, idx):
     pyro.set_rng_seed(0)
     pyro.clear_param_store()
     net, model, guide = _gated_setup()
-    svi = SVI(model, guide, pyro.optim.Adam(_optim_args), TraceMeanField_ELBO())
     default_validation = is_validation_enabled()
+
+    # The README's quickstart: CompactMeanField_ELBO's loss, one torch.optim.Adam
+    # (pyro_sbp.infer.adam: two parameter groups, fused).
+    elbo = CompactMeanField_ELBO()
+    elbo.differentiable_loss(model, guide, x, y, idx)  # creates every parameter
+    optim = adam(lr=LR, gate_lr=GATE_LR, betas=BETAS)
+
+    def svi_step():
+        optim.zero_grad()
+        elbo.differentiable_loss(model, guide, x, y, idx).backward()
+        optim.step()
 
     plain = build_network(NETWORK)
     plain.load_state_dict({k: v for k, v in net.state_dict().items() if ".gate." not in k})
     plain_optim = torch.optim.Adam(plain.parameters(), lr=LR, betas=BETAS)
 
-    steps = {
-        "plain": lambda: _plain_step(plain, plain_optim, x, y),
-        "svi": lambda: svi.step(x, y, idx),
-    }
+    steps = {"plain": lambda: _plain_step(plain, plain_optim, x, y), "svi": svi_step}
     num_gates = sum(gate.num_units for _, gate in named_gates(net))
     if args.no_variants:
         return steps, num_gates
@@ -341,11 +353,19 @@ def build_steps(args, x, y, idx):
     def no_validation():
         pyro.enable_validation(False)
         try:
-            svi.step(x, y, idx)
+            svi_step()
         finally:
             pyro.enable_validation(default_validation)
 
     steps["svi_no_validation"] = no_validation
+    # The same plain step with torch's fused Adam (as the svi step has it).
+    plain_fused = build_network(NETWORK)
+    plain_fused.load_state_dict(plain.state_dict())
+    fused_optim = torch.optim.Adam(plain_fused.parameters(), lr=LR, betas=BETAS, fused=True)
+    steps["plain_fused_adam"] = lambda: _plain_step(plain_fused, fused_optim, x, y)
+    # The issue's original headline: SVI with TraceMeanField_ELBO and pyro.optim.Adam.
+    svi_tmf = SVI(model, guide, pyro.optim.Adam(_optim_args), TraceMeanField_ELBO())
+    steps["svi_trace_mean_field"] = lambda: svi_tmf.step(x, y, idx)
 
     if args.jit:
         svi_jit = SVI(model, guide, pyro.optim.Adam(_optim_args), JitTraceMeanField_ELBO())
@@ -367,26 +387,6 @@ def build_steps(args, x, y, idx):
     steps["svi_textbook_gates"] = lambda: svi_tb.step(x, y, idx)
     svi_lean = SVI(model, guide, pyro.optim.Adam(_optim_args), CompactMeanField_ELBO())
     steps["svi_lean"] = lambda: svi_lean.step(x, y, idx)
-
-    # The lean ELBO's loss with one torch.optim.Adam over all parameters (two groups).
-    lean = CompactMeanField_ELBO()
-    lean.differentiable_loss(model, guide, x, y, idx)  # creates every parameter
-    store = pyro.get_param_store()
-    groups = {True: [], False: []}
-    for name in store.keys():
-        groups[_optim_args(name)["lr"] == GATE_LR].append(store[name].unconstrained())
-    optim = torch.optim.Adam(
-        [{"params": groups[False], "lr": LR}, {"params": groups[True], "lr": GATE_LR}],
-        betas=BETAS,
-        foreach=True,
-    )
-
-    def lean_torch_optim():
-        optim.zero_grad()
-        lean.differentiable_loss(model, guide, x, y, idx).backward()
-        optim.step()
-
-    steps["svi_lean_torch_optim"] = lean_torch_optim
 
     sites = list(named_gates(net))
     layers = [gated_layer_name(site) for site, _ in sites]
@@ -460,7 +460,11 @@ def run(args) -> dict:
     steps, num_gates = build_steps(args, x, y, idx)
     # Counted first, at the gates' initial posteriors: the operations of a step depend on the
     # branches its gates take (a gate that moves beyond a bound takes the tail formulas).
-    counted = [name for name in ("plain", "svi", "svi_lean") if name in steps]
+    counted = [
+        name
+        for name in ("plain", "svi", "plain_fused_adam", "svi_trace_mean_field", "svi_lean")
+        if name in steps
+    ]
     ops = {name: count_ops(steps[name], device) for name in counted}
     peak = {name: peak_memory(steps[name], device) for name in counted}
     names = list(steps)
@@ -513,7 +517,7 @@ def run(args) -> dict:
         "plain_iqr_s": _iqr(times["plain"]),
         "svi_p90_s": _p90(times["svi"]),
         "plain_p90_s": _p90(times["plain"]),
-        "elbo": "TraceMeanField_ELBO",
+        "svi_path": "CompactMeanField_ELBO.differentiable_loss, pyro_sbp.infer.adam (fused)",
         "validation_default": validation,
         "variants": {
             name: {
@@ -542,8 +546,14 @@ def run(args) -> dict:
     # parameters, gradients, activations, optimiser state, temporaries); target ratio <= 2.
     result["peak_memory_bytes"] = peak
     result["peak_memory_ratio"] = peak["svi"] / peak["plain"]
-    if "svi_lean" in peak:
-        result["peak_memory_ratio_lean"] = peak["svi_lean"] / peak["plain"]
+    if "svi_trace_mean_field" in ops:
+        # The issue's original headline path and the plain step with the svi step's optimiser.
+        tmf = ops["svi_trace_mean_field"]["aten_calls"]
+        result["ops_ratio_trace_mean_field"] = tmf / ops["plain"]["aten_calls"]
+        result["ops_ratio_to_plain_fused_adam"] = (
+            ops["svi"]["aten_calls"] / ops["plain_fused_adam"]["aten_calls"]
+        )
+        result["peak_memory_ratio_trace_mean_field"] = peak["svi_trace_mean_field"] / peak["plain"]
     if all(a in med and (b is None or b in med) for _, a, b in BREAKDOWN):
         result["breakdown_ms"] = {
             label: 1e3 * (med[a] - (med[b] if b else 0.0)) for label, a, b in BREAKDOWN
@@ -607,7 +617,9 @@ def count_ops(step, device: torch.device = CPU) -> dict:
         step()
     names = [e.name for e in prof.events()]
     return {
-        "aten_calls": sum(n.startswith("aten::") for n in names),
+        # Operator calls: PyTorch's and the native gate kernels' (pyro_sbp::...).
+        "aten_calls": sum(n.startswith(("aten::", "pyro_sbp::")) for n in names),
+        "native_calls": sum(n.startswith("pyro_sbp::") for n in names),
         "host_syncs": sum(n in SYNC_OPS for n in names),
     }
 

@@ -52,6 +52,7 @@ import math
 import torch
 from torch import Tensor
 
+from pyro_sbp import _native
 from pyro_sbp.distributions import _standard
 
 _SQRT1_2 = math.sqrt(0.5)
@@ -159,10 +160,73 @@ def _sample_derivatives(c: _standard.Canonical, u, ubar, off) -> tuple[Tensor, T
     return d_loc, d_scale
 
 
+def _unit_shape(u_shape: torch.Size, *params: Tensor) -> torch.Size:
+    # The trailing block of the samples' shape that the compact parameters span (their units;
+    # pyro_sbp/_native/layout.h maps them the same way).
+    k = 0
+    for p in params:
+        lead = 0
+        while lead < p.dim() and p.shape[lead] == 1:
+            lead += 1
+        k = max(k, p.dim() - lead)
+    return u_shape[len(u_shape) - k :]
+
+
+def _reduce_to(g: Tensor, unit_shape: torch.Size, shape: torch.Size) -> Tensor:
+    """The per-unit gradient ``g`` (flat, one value per unit) summed to a parameter's shape."""
+    if g.shape == shape:
+        return g
+    g = g.view(unit_shape)
+    if g.shape == shape:
+        return g
+    if g.numel() == shape.numel():
+        return g.reshape(shape)
+    return g.sum_to_size(shape) if len(shape) >= g.dim() else g.sum_to_size(shape[-g.dim() :])
+
+
+class _NativeRSample(torch.autograd.Function):
+    """The same samples and derivatives as :class:`_RSample`, by the native kernel
+    (:mod:`pyro_sbp._native`): the forward pass returns the samples and, when a gradient is
+    needed, their derivatives in ``loc`` and ``scale``, in one call; the backward pass sums
+    ``grad`` times them per unit, in another."""
+
+    @staticmethod
+    def forward(ctx, loc, scale, low, high, exp_low, exp_high, u, log_space, need_grad):
+        out, d_loc, d_scale = _native.ops().tn_rsample(
+            loc, scale, low, high, exp_low, exp_high, u, log_space, need_grad
+        )
+        if need_grad:
+            ctx.save_for_backward(d_loc, d_scale)
+            ctx.unit_shape = _unit_shape(u.shape, loc, scale, low, high, exp_low, exp_high)
+            ctx.shapes = loc.shape, scale.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        d_loc, d_scale = ctx.saved_tensors
+        units = ctx.unit_shape.numel()
+        g_loc, g_scale = _native.ops().tn_unit_grads(grad, d_loc, d_scale, units)
+        grad_loc = _reduce_to(g_loc, ctx.unit_shape, ctx.shapes[0])
+        grad_scale = _reduce_to(g_scale, ctx.unit_shape, ctx.shapes[1])
+        return grad_loc, grad_scale, None, None, None, None, None, None, None
+
+
 def rsample(loc, scale, low, high, u, exp_bounds: tuple[Tensor, Tensor] | None = None) -> Tensor:
     r"""Samples of :math:`\mathcal N_{[low, high]}(loc, scale^2)` at the uniforms ``u``, or, with
     ``exp_bounds = (exp(low), exp(high))``, their ``exp`` (the truncated log-normal's samples),
     differentiable in ``loc`` and ``scale`` by the implicit reparameterisation (module
     docstring). ``loc``, ``scale``, ``low`` and ``high`` may be compact (broadcastable to
-    ``u``); the bounds get no gradient."""
+    ``u``); the bounds get no gradient. ``u`` is clamped into ``[tiny, 1 - eps/2]`` here.
+
+    On the CPU the native kernel (:mod:`pyro_sbp._native`) computes the samples and their
+    derivatives; elsewhere the PyTorch operators of :class:`_RSample` do, with the same
+    formulas."""
+    e_low, e_high = (low, high) if exp_bounds is None else exp_bounds
+    if u.is_contiguous() and _native.usable(u, loc, scale, low, high, e_low, e_high):
+        need_grad = torch.is_grad_enabled() and (loc.requires_grad or scale.requires_grad)
+        return _NativeRSample.apply(
+            loc, scale, low, high, e_low, e_high, u, exp_bounds is not None, need_grad
+        )
+    finfo = torch.finfo(u.dtype)
+    u = u.clamp(finfo.tiny, 1.0 - finfo.eps / 2)
     return _RSample.apply(loc, scale, low, high, u, exp_bounds)

@@ -37,7 +37,10 @@ canonical frame (the interval mirrored so that its midpoint is :math:`\ge 0`), w
 :math:`\partial K/\partial\mu` changes sign with the mirror.
 
 The forward pass is the accurate value with no autograd graph; the backward pass a few dozen
-element-wise operations on the units, instead of the replay of every branch's formulas.
+element-wise operations on the units, instead of the replay of every branch's formulas. On the
+CPU the native kernel (:mod:`pyro_sbp._native`, ``tn_kl_uniform``) computes the value and both
+derivatives with the same formulas in one operator call, each element taking its own form; the
+backward pass is then ``grad`` times them, summed to the parameters' shapes.
 """
 
 import math
@@ -45,6 +48,7 @@ import math
 import torch
 from torch import Tensor
 
+from pyro_sbp import _native
 from pyro_sbp.distributions import _standard
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -141,7 +145,53 @@ def kl_derivatives(loc, scale, low, high) -> tuple[Tensor, Tensor]:
     return -c.sign * half_cov / scale, -half_var / scale
 
 
+class _NativeKLToInterval(torch.autograd.Function):
+    """The value and derivatives of :func:`kl_to_interval` by the native kernel, in one call;
+    the backward pass is ``grad`` times the derivatives, summed to the parameters' shapes."""
+
+    @staticmethod
+    def forward(ctx, loc, scale, low, high, q_low, q_high):
+        kl, d_loc, d_scale = _native.ops().tn_kl_uniform(loc, scale, low, high, q_low, q_high, True)
+        ctx.save_for_backward(d_loc, d_scale)
+        ctx.shapes = loc.shape, scale.shape
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad):
+        d_loc, d_scale = ctx.saved_tensors
+        grad_loc = (grad * d_loc).sum_to_size(ctx.shapes[0]) if ctx.needs_input_grad[0] else None
+        grad_scale = (
+            (grad * d_scale).sum_to_size(ctx.shapes[1]) if ctx.needs_input_grad[1] else None
+        )
+        return grad_loc, grad_scale, None, None, None, None
+
+
+def native_applies(loc, scale, low, high, q_low, q_high) -> bool:
+    """Whether :func:`kl_to_interval` takes the native kernel: CPU tensors of one floating dtype
+    (:func:`pyro_sbp._native.usable`) and no gradient asked of a bound (the kernel gives the
+    bounds none)."""
+    bounds_grad = torch.is_grad_enabled() and (
+        low.requires_grad or high.requires_grad or q_low.requires_grad or q_high.requires_grad
+    )
+    return not bounds_grad and _native.usable(loc, scale, low, high, q_low, q_high)
+
+
+def kl_to_interval(loc, scale, low, high, q_low, q_high) -> Tensor:
+    r""":math:`\mathrm{KL}(\mathcal N_{[low, high]}(loc, scale^2) \,\|\, U[q_low, q_high])` by
+    the native kernel (:func:`native_applies` must hold): :math:`K(\alpha, \beta) +
+    \log\frac{q_{high} - q_{low}}{high - low}` clamped at zero, ``inf`` where ``[low, high]`` is
+    not inside ``[q_low, q_high]``, of the parameters' broadcast shape; differentiable in ``loc``
+    and ``scale`` (module docstring), the derivatives computed only when a gradient is needed."""
+    if torch.is_grad_enabled() and (loc.requires_grad or scale.requires_grad):
+        return _NativeKLToInterval.apply(loc, scale, low, high, q_low, q_high)
+    return _native.ops().tn_kl_uniform(loc, scale, low, high, q_low, q_high, False)[0]
+
+
 def kl_to_uniform(loc, scale, low, high) -> Tensor:
     r""":math:`\mathrm{KL}(\mathcal N_{[low, high]}(loc, scale^2) \,\|\, U[low, high])`, its
-    gradient in ``loc`` and ``scale`` analytic (module docstring); the bounds get none."""
+    gradient in ``loc`` and ``scale`` analytic (module docstring); the bounds get none. By the
+    native kernel where it applies (the uniform on the same interval: the log ratio is 0), else
+    by the PyTorch operators."""
+    if native_applies(loc, scale, low, high, low, high):
+        return kl_to_interval(loc, scale, low, high, low, high)
     return _KLToUniform.apply(loc, scale, low, high)

@@ -32,14 +32,18 @@ def _kl_to_uniform(p: TruncatedNormal, q_low, q_high, shape):
     # H = log(sqrt(2 pi e) sigma Z) + (alpha phi(alpha) - beta phi(beta)) / (2 Z), split as
     # log((b' - a') / (b - a)) + KL(N_[a,b] || U[a, b]); the second term is computed on
     # standardised bounds, by quadrature where p is so flat that log(b - a) - H would cancel.
-    if torch.is_grad_enabled() and (p._cloc.requires_grad or p._cscale.requires_grad):
+    loc, scale, low, high = p._cloc, p._cscale, p._clow, p._chigh
+    if _kl_grad.native_applies(loc, scale, low, high, q_low, q_high):
+        # All of it in one operator call (and its derivatives, when a gradient is needed).
+        return _kl_grad.kl_to_interval(loc, scale, low, high, q_low, q_high).expand(shape)
+    if torch.is_grad_enabled() and (loc.requires_grad or scale.requires_grad):
         # The same value, differentiated analytically (an SVI step's KL): no graph of its
         # every branch to record and replay.
-        kl = _kl_grad.kl_to_uniform(p._cloc, p._cscale, p._clow, p._chigh)
+        kl = _kl_grad.kl_to_uniform(loc, scale, low, high)
     else:
         kl = _standard.kl_to_uniform(p._alpha, p._beta, p._moments.entropy, p._width)
-    kl = kl + (torch.log(q_high - q_low) - torch.log(p._chigh - p._clow))
-    return _finish(kl, _nested(p._clow, p._chigh, q_low, q_high), shape)
+    kl = kl + (torch.log(q_high - q_low) - torch.log(high - low))
+    return _finish(kl, _nested(low, high, q_low, q_high), shape)
 
 
 def _shape(p, q):

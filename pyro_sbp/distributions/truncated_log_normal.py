@@ -4,9 +4,11 @@ import torch
 from pyro.distributions import TorchDistribution
 from torch import Tensor
 from torch.distributions import constraints
-from torch.distributions.utils import broadcast_all, lazy_property
+from torch.distributions.utils import lazy_property
 
+from pyro_sbp import _native
 from pyro_sbp.distributions import _standard
+from pyro_sbp.distributions._lazy import LazyExpand, broadcast
 from pyro_sbp.distributions.truncated_normal import TruncatedNormal, _check_bounds
 
 
@@ -16,7 +18,7 @@ def _clamp_straight_through(value: Tensor, low: Tensor, high: Tensor) -> Tensor:
     return value + (clamped - value).detach()
 
 
-class TruncatedLogNormal(TorchDistribution):
+class TruncatedLogNormal(LazyExpand, TorchDistribution):
     r"""A log-normal distribution truncated to ``[low, high]`` (``0 < low < high``):
     :math:`\log\theta \sim \mathcal N(\mu, \sigma^2)` truncated to ``[log low, log high]``.
 
@@ -57,23 +59,31 @@ class TruncatedLogNormal(TorchDistribution):
         "high": constraints.positive,
     }
     has_rsample = True
+    _param_names = ("loc", "scale", "low", "high")
+    # The cached statistics, all compact (broadcastable to any expansion of the batch shape).
+    _shared_cache = (
+        "_cbounds",
+        "_shift",
+        "_tilted",
+        "_tilted_log_zhat",
+        "_log_mean",
+        "_kappa",
+        "_native_moments",
+    )
 
     def __init__(self, loc, scale, low, high, *, validate_args=None):
-        self.loc, self.scale, self.low, self.high = broadcast_all(loc, scale, low, high)
+        self.loc, self.scale, self.low, self.high = broadcast(loc, scale, low, high)
         super().__init__(self.loc.shape, validate_args=validate_args)
         if self._validate_args:
             _check_bounds(self.low, self.high, type(self).__name__)
 
     def expand(self, batch_shape, _instance=None):
+        # The expanded parameters are formed when first read (see TruncatedNormal.expand).
         new = self._get_checked_instance(TruncatedLogNormal, _instance)
         batch_shape = torch.Size(batch_shape)
-        new.loc = self.loc.expand(batch_shape)
-        new.scale = self.scale.expand(batch_shape)
-        new.low = self.low.expand(batch_shape)
-        new.high = self.high.expand(batch_shape)
         super(TruncatedLogNormal, new).__init__(batch_shape, validate_args=False)
         new._validate_args = self._validate_args
-        return new
+        return self._lazy_expand(new, batch_shape)
 
     @constraints.dependent_property(is_discrete=False, event_dim=0)
     def support(self):
@@ -108,6 +118,8 @@ class TruncatedLogNormal(TorchDistribution):
 
     @property
     def mean(self):
+        if self._native_moments_apply():
+            return self._native_moments[0].expand(self.batch_shape)
         base = self.base_dist
         return torch.minimum(self._log_mean.exp(), base._chigh.exp()).expand(self.batch_shape)
 
@@ -122,27 +134,54 @@ class TruncatedLogNormal(TorchDistribution):
 
     @property
     def variance(self):
+        if self._native_moments_apply():
+            return self._native_moments[1].expand(self.batch_shape)
         return (self._log_mean.mul(2).exp() * torch.expm1(self._kappa)).expand(self.batch_shape)
 
     @property
     def stddev(self):
         return (self._log_mean.exp() * torch.expm1(self._kappa).sqrt()).expand(self.batch_shape)
 
+    def _native_moments_apply(self) -> bool:
+        # The kernel gives values only: with a gradient to take, the PyTorch operators.
+        params = (self.loc, self.scale, self.low, self.high)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in params):
+            return False
+        return _native.usable(*params)
+
+    @lazy_property
+    def _native_moments(self):
+        # (mean, variance), compact, by the native kernel in one call: the same formulas as
+        # _log_mean and _kappa below, each element taking its own branch.
+        base = self.base_dist
+        return _native.ops().tln_moments(base._cloc, base._cscale, base._clow, base._chigh)
+
     @lazy_property
     def _cbounds(self):
+        source = self.expanded_from
+        if source is not None:
+            return source._cbounds
         return _standard.compact(self.batch_shape, self.low, self.high)
 
     @lazy_property
     def base_dist(self) -> TruncatedNormal:
         """The truncated normal of :math:`\\log\\theta`."""
-        # Built from the compact parameters (a plate's expand is not materialised), expanded.
+        # Built from the compact parameters (a plate's expand is not materialised), expanded;
+        # an expansion's is the source's, expanded.
         shape = self.batch_shape
+        source = self.expanded_from
+        if source is not None:
+            return source.base_dist.expand(shape)
         loc, scale, low, high = _standard.compact(shape, self.loc, self.scale, self.low, self.high)
+        low, high = low.log(), high.log()
+        if not all(t.shape == shape for t in (loc, scale, low, high)):
+            loc, scale = loc.expand(shape), scale.expand(shape)
+            low, high = low.expand(shape), high.expand(shape)
         return TruncatedNormal(
-            loc.expand(shape),
-            scale.expand(shape),
-            low.log().expand(shape),
-            high.log().expand(shape),
+            loc,
+            scale,
+            low,
+            high,
             validate_args=False,
         )
 

@@ -3,14 +3,15 @@ import math
 import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
-from torch.distributions.utils import broadcast_all, lazy_property
+from torch.distributions.utils import lazy_property
 
 from pyro_sbp.distributions import _standard
+from pyro_sbp.distributions._lazy import LazyExpand, broadcast
 from pyro_sbp.distributions.truncated_log_normal import _clamp_straight_through
 from pyro_sbp.distributions.truncated_normal import _check_bounds
 
 
-class TruncatedLogUniform(TorchDistribution):
+class TruncatedLogUniform(LazyExpand, TorchDistribution):
     r"""The log-uniform distribution on ``[low, high]``: :math:`\log\theta \sim
     \mathrm{Uniform}(\log \mathrm{low}, \log \mathrm{high})`.
 
@@ -35,21 +36,22 @@ class TruncatedLogUniform(TorchDistribution):
 
     arg_constraints = {"low": constraints.positive, "high": constraints.positive}
     has_rsample = True
+    _param_names = ("low", "high")
+    _shared_cache = ("_compact", "_a", "_b", "_width", "_log_width")
 
     def __init__(self, low, high, *, validate_args=None):
-        self.low, self.high = broadcast_all(low, high)
+        self.low, self.high = broadcast(low, high)
         super().__init__(self.low.shape, validate_args=validate_args)
         if self._validate_args:
             _check_bounds(self.low, self.high, type(self).__name__)
 
     def expand(self, batch_shape, _instance=None):
+        # The expanded bounds are formed when first read (see TruncatedNormal.expand).
         new = self._get_checked_instance(TruncatedLogUniform, _instance)
         batch_shape = torch.Size(batch_shape)
-        new.low = self.low.expand(batch_shape)
-        new.high = self.high.expand(batch_shape)
         super(TruncatedLogUniform, new).__init__(batch_shape, validate_args=False)
         new._validate_args = self._validate_args
-        return new
+        return self._lazy_expand(new, batch_shape)
 
     @constraints.dependent_property(is_discrete=False, event_dim=0)
     def support(self):
@@ -104,6 +106,9 @@ class TruncatedLogUniform(TorchDistribution):
     # Compact (see TruncatedNormal): once per distinct parameter, broadcastable.
     @lazy_property
     def _compact(self):
+        source = self.expanded_from
+        if source is not None:
+            return source._compact
         return _standard.compact(self.batch_shape, self.low, self.high)
 
     @lazy_property

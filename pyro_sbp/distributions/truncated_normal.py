@@ -4,14 +4,15 @@ import torch
 from pyro.distributions import TorchDistribution
 from torch import Tensor
 from torch.distributions import constraints
-from torch.distributions.utils import broadcast_all, lazy_property
+from torch.distributions.utils import lazy_property
 
 from pyro_sbp.distributions import _implicit, _standard
+from pyro_sbp.distributions._lazy import LazyExpand, broadcast
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
-class TruncatedNormal(TorchDistribution):
+class TruncatedNormal(LazyExpand, TorchDistribution):
     r"""A normal distribution truncated to the interval ``[low, high]``.
 
     .. math::
@@ -47,23 +48,37 @@ class TruncatedNormal(TorchDistribution):
         "high": constraints.real,
     }
     has_rsample = True
+    _param_names = ("loc", "scale", "low", "high")
+    # The cached statistics, all compact (broadcastable to any expansion of the batch shape).
+    _shared_cache = (
+        "_compact",
+        "_alpha",
+        "_beta",
+        "_width",
+        "_center",
+        "_mean_compact",
+        "_variance_compact",
+        "_moments",
+        "_full_moments",
+        "_log_zhat",
+        "_log_z",
+    )
 
     def __init__(self, loc, scale, low, high, *, validate_args=None):
-        self.loc, self.scale, self.low, self.high = broadcast_all(loc, scale, low, high)
+        self.loc, self.scale, self.low, self.high = broadcast(loc, scale, low, high)
         super().__init__(self.loc.shape, validate_args=validate_args)
         if self._validate_args:
             _check_bounds(self.low, self.high, type(self).__name__)
 
     def expand(self, batch_shape, _instance=None):
+        # The expanded parameters are formed when first read (_lazy.LazyExpand): a plate's
+        # expand then costs no tensor operation, since samples, KL and moments use the
+        # compact parameters.
         new = self._get_checked_instance(TruncatedNormal, _instance)
         batch_shape = torch.Size(batch_shape)
-        new.loc = self.loc.expand(batch_shape)
-        new.scale = self.scale.expand(batch_shape)
-        new.low = self.low.expand(batch_shape)
-        new.high = self.high.expand(batch_shape)
         super(TruncatedNormal, new).__init__(batch_shape, validate_args=False)
         new._validate_args = self._validate_args
-        return new
+        return self._lazy_expand(new, batch_shape)
 
     @constraints.dependent_property(is_discrete=False, event_dim=0)
     def support(self):
@@ -76,9 +91,7 @@ class TruncatedNormal(TorchDistribution):
         # Differentiated implicitly (pyro_sbp.distributions._implicit): the backward pass is a
         # dozen element-wise operations instead of the sampler's every step.
         shape = self._extended_shape(sample_shape)
-        finfo = torch.finfo(self.loc.dtype)
         u = torch.rand(shape, dtype=self.loc.dtype, device=self.loc.device)
-        u = u.clamp(finfo.tiny, 1.0 - finfo.eps / 2)
         return _implicit.rsample(
             self._cloc, self._cscale, self._clow, self._chigh, u, exp_bounds=exp_bounds
         )
@@ -134,6 +147,9 @@ class TruncatedNormal(TorchDistribution):
 
     @lazy_property
     def _compact(self):
+        source = self.expanded_from
+        if source is not None:
+            return source._compact
         return _standard.compact(self.batch_shape, self.loc, self.scale, self.low, self.high)
 
     @property

@@ -10,6 +10,7 @@ from pyro_sbp.infer.checkpoint import (
 )
 from pyro_sbp.infer.compact_elbo import CompactMeanField_ELBO
 from pyro_sbp.infer.distributed import DistributedRunFailed, DistributedTrainer
+from pyro_sbp.infer.optim import adam, param_groups
 from pyro_sbp.infer.run_lock import RunDirectoryLocked, RunLock
 from pyro_sbp.infer.trainer import (
     DEFAULT_CHECKPOINT_EVERY,
@@ -33,9 +34,11 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "TrainingInterrupted",
+    "adam",
     "evaluate",
     "load_checkpoint",
     "load_weights",
+    "param_groups",
     "safe_load",
     "save_atomic",
     "save_checkpoint",

@@ -33,14 +33,37 @@ def _params(d) -> dict[str, torch.Tensor] | None:
     return out
 
 
+def _expanded_sources(q, p, k: int):
+    """``(q0, p0, copies)`` when ``q`` and ``p`` are expansions, along leading dims only, of
+    distributions ``q0`` and ``p0`` of one batch shape (``expand`` of
+    :class:`~pyro_sbp.distributions._lazy.LazyExpand`, which records its source): the
+    compaction then needs no look at the parameters' strides and no tensor operation."""
+    q0 = getattr(q, "expanded_from", None)
+    p0 = getattr(p, "expanded_from", None)
+    if q0 is None or p0 is None or q0.batch_shape != p0.batch_shape:
+        return None
+    lead = len(q.batch_shape) - len(q0.batch_shape)
+    if lead <= 0 or lead > len(q.batch_shape) - k or q.batch_shape[lead:] != q0.batch_shape:
+        return None
+    return q0, p0, math.prod(q.batch_shape[:lead])
+
+
 def _compact(q_fn, p_fn):
     """``(q, p, copies)``: the two distributions without the leading batch dims along which
     every parameter of both is only broadcast (stride 0, as a plate's ``expand`` leaves them),
     and how many copies those dims held; ``None`` when nothing can be compacted."""
     q, k = _unwrap(q_fn)
     p, kp = _unwrap(p_fn)
+    if k != kp or q.batch_shape != p.batch_shape:
+        return None
+    lazy = _expanded_sources(q, p, k)
+    if lazy is not None:
+        q1, p1, copies = lazy
+        if k:
+            q1, p1 = Independent(q1, k), Independent(p1, k)
+        return q1, p1, copies
     qp, pp = _params(q), _params(p)
-    if k != kp or qp is None or pp is None or q.batch_shape != p.batch_shape:
+    if qp is None or pp is None:
         return None
     tensors = [*qp.values(), *pp.values()]
     shape = q.batch_shape

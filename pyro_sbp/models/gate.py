@@ -78,9 +78,21 @@ class SBPGate(PyroModule):
         return self._pyro_name
 
     def prior(self) -> TruncatedLogUniform:
-        low = self.mask.new_tensor(self.low)
-        high = self.mask.new_tensor(self.high)
-        return TruncatedLogUniform(low, high).expand([self.num_units])
+        r""":math:`\mathrm{LogU}_{[a, b]}` over the units, on the gate's device and dtype.
+
+        Built once per device and dtype and reused (it is a constant of the gate): a training
+        step then makes no tensor operation for it but the plate's ``expand``. Its bounds were
+        checked when the gate was made, so it skips the argument checks that validation would
+        repeat at every step."""
+        key = (self.mask.device, self.mask.dtype)
+        cached = self.__dict__.get("_prior")
+        if cached is None or cached[0] != key or cached[1] != (self.low, self.high):
+            low = self.mask.new_tensor(self.low)
+            high = self.mask.new_tensor(self.high)
+            prior = TruncatedLogUniform(low, high, validate_args=False).expand([self.num_units])
+            cached = (key, (self.low, self.high), prior)
+            self.__dict__["_prior"] = cached
+        return cached[2]
 
     def sample_theta(self) -> Tensor:
         with poutine.scale(scale=self.kl_scale):

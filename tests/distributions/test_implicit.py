@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pyro_sbp.distributions import TruncatedLogNormal, TruncatedNormal, _implicit, _standard
+from pyro_sbp.distributions import TruncatedLogNormal, TruncatedNormal, _implicit
 
 # loc far below, inside and far above [-29 log 2, 0] (never exactly on a bound, where the
 # reference's clamp splits its gradient); scales from tiny to nearly flat.
@@ -47,10 +47,9 @@ def _implicit_grads(loc, scale, u):
     return x.detach(), *_per_sample_grads(x, loc, scale)
 
 
-@pytest.mark.parametrize("dense", [None, True], ids=["cpu-default", "dense"])
-def test_float64_gradients_equal_autograd_through_the_exact_quantile(monkeypatch, dense):
-    # Both ways of taking the branches (_standard.DENSE_BRANCHES), the backward's too.
-    monkeypatch.setattr(_standard, "DENSE_BRANCHES", dense)
+def test_float64_gradients_equal_autograd_through_the_exact_quantile(gate_path):
+    # Every way of computing them: the native kernel and both ways of taking the PyTorch
+    # path's branches (_standard.DENSE_BRANCHES), the backward's too.
     _, loc, scale, u = _grid(torch.float64)
     x, gl, gs = _implicit_grads(loc, scale, u)
     xr, glr, gsr = _reference(loc, scale, u)
@@ -59,7 +58,7 @@ def test_float64_gradients_equal_autograd_through_the_exact_quantile(monkeypatch
     torch.testing.assert_close(gs, gsr, rtol=1e-7, atol=1e-12)
 
 
-def test_float32_gradients_agree_with_float64():
+def test_float32_gradients_agree_with_float64(gate_path):
     _, loc, scale, u = _grid(torch.float32)
     _, gl, gs = _implicit_grads(loc, scale, u)
     _, glr, gsr = _reference(loc, scale, u)
@@ -70,7 +69,7 @@ def test_float32_gradients_agree_with_float64():
 
 
 @pytest.mark.parametrize(("loc", "scale"), [(-20.5, 0.3), (3.0, 0.5), (-10.0, 40.0), (-1e-3, 2.0)])
-def test_gradients_match_finite_differences(loc, scale):
+def test_gradients_match_finite_differences(gate_path, loc, scale):
     u = torch.tensor([0.02, 0.5, 0.97], dtype=torch.float64)
     low, high = torch.tensor(LOW, dtype=torch.float64), torch.tensor(HIGH, dtype=torch.float64)
 
@@ -93,7 +92,7 @@ def test_a_straddling_batch_skips_the_tail_form_and_keeps_its_gradient():
     torch.testing.assert_close(gs, gsr, rtol=1e-9, atol=1e-14)
 
 
-def test_rsample_of_a_plate_sums_the_gradient_to_the_units():
+def test_rsample_of_a_plate_sums_the_gradient_to_the_units(gate_path):
     # A (batch, units) sample of (units,) parameters: the gradient of the compact parameters.
     loc = torch.tensor([-3.0, 0.5, -30.0], requires_grad=True)
     scale = torch.tensor([0.5, 0.01, 2.0], requires_grad=True)

@@ -1,0 +1,139 @@
+// KL(N_[low, high](loc, scale^2) || U[q_low, q_high]) and its derivatives in loc and scale, in one
+// pass.
+//
+// The element-wise counterpart of pyro_sbp/distributions/kl.py::_kl_to_uniform: the KL to the
+// uniform on the same interval (_standard.kl_to_uniform with the entropy of _standard.moments,
+// by quadrature where the density is nearly flat), plus log(q_high - q_low) - log(high - low),
+// clamped at zero, inf where [low, high] is not inside [q_low, q_high]; and, when asked, the
+// derivatives of _kl_grad.kl_derivatives (straddle, tail and flat forms), zero where the PyTorch
+// path's backward passes none (not nested, or clamped).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+#include "common.h"
+
+namespace pyro_sbp {
+namespace {
+
+// KL(N_[alpha, beta](0, 1) || U[alpha, beta]) on canonical bounds, clamped at zero.
+template <typename T>
+inline T standard_kl(const Canon<T>& c, bool flat) {
+  T kl;
+  if (flat) {
+    kl = flat_kl(c.al, c.wd);
+  } else {
+    kl = std::log(c.wd) - closed_stats(c, false).entropy;
+  }
+  return clamp_min0(kl);
+}
+
+// (dK/dloc, dK/dscale) of _kl_grad.kl_derivatives.
+template <typename T>
+inline void kl_grads(const Canon<T>& c, bool flat, T scale, T& d_loc, T& d_scale) {
+  const T al = c.al, be = c.be, wd = c.wd;
+  T half_cov, half_var;
+  if (flat) {
+    flat_halves(al, wd, half_cov, half_var);
+  } else {
+    T a, b, y1, y2;
+    if (c.tail) {
+      // _tail_terms.
+      const TailZ<T> t = tail_log_zhat(al, be, wd);
+      T r, da, db;
+      gap_from_erfcx(al, t.ea, r, da);
+      gap_from_erfcx(be, t.eb, r, db);
+      const T ua = mills_gap_complement(al, da);
+      const T ub = mills_gap_complement(be, db);
+      const T w2 = T(2) * t.w;
+      const T x = (t.ea * ua - t.q_eb * (ub - w2)) / t.d;
+      a = Consts<T>::sqrt_2_over_pi / t.d;
+      b = Consts<T>::sqrt_2_over_pi * std::exp(-t.w) / t.d;
+      y1 = -x;
+      y2 = w2 + x;
+    } else {
+      // _straddle_terms.
+      const T an = nonpositive(al);
+      const T z = straddle_z(an, be);
+      a = normal_pdf(an) / z;
+      b = normal_pdf(be) / z;
+      const T tt = an * a - be * b;
+      y1 = tt - an * an - T(1);
+      y2 = be * be + T(1) - tt;
+    }
+    half_cov = T(-0.5) * (a * y1 + b * y2);
+    half_var = T(1) - T(0.5) * (al * a * y1 + be * b * y2);
+  }
+  d_loc = -c.sign * half_cov / scale;
+  d_scale = -half_var / scale;
+}
+
+template <typename T>
+void kl_kernel(const Broadcast& bc, const T* loc, const T* scale, const T* low, const T* high,
+               const T* q_low, const T* q_high, T* out, T* d_loc, T* d_scale) {
+  const T inf = std::numeric_limits<T>::infinity();
+  at::parallel_for(0, bc.numel, 1024, [&](int64_t begin, int64_t end) {
+    bc.for_range<6>(begin, end, [&](int64_t i, const int64_t* o) {
+      const T m = loc[o[0]], s = scale[o[1]], lo = low[o[2]], hi = high[o[3]];
+      const T qlo = q_low[o[4]], qhi = q_high[o[5]];
+      const Canon<T> c = canonical((lo - m) / s, (hi - m) / s, (hi - lo) / s);
+      const bool flat = is_flat(c.al, c.be, c.wd);
+      const T total = standard_kl(c, flat) + (std::log(qhi - qlo) - std::log(hi - lo));
+      const bool nested = (qlo <= lo) && (hi <= qhi);
+      out[i] = nested ? clamp_min0(total) : inf;
+      if (d_loc == nullptr) return;
+      // torch.where(nested, kl.clamp(min=0), inf) passes the gradient where nested and
+      // total >= 0 only.
+      if (nested && total >= T(0)) {
+        kl_grads(c, flat, s, d_loc[i], d_scale[i]);
+      } else {
+        d_loc[i] = T(0);
+        d_scale[i] = T(0);
+      }
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tn_kl_uniform(
+    const at::Tensor& loc, const at::Tensor& scale, const at::Tensor& low, const at::Tensor& high,
+    const at::Tensor& q_low, const at::Tensor& q_high, bool need_grad) {
+  const std::vector<at::Tensor> params{loc, scale, low, high, q_low, q_high};
+  for (const auto& p : params) {
+    TORCH_CHECK(p.device().is_cpu(), "tn_kl_uniform: CPU tensors only");
+  }
+  const Broadcast bc(params);
+  auto out = at::empty(bc.shape, loc.options());
+  at::Tensor d_loc, d_scale;
+  if (need_grad) {
+    d_loc = at::empty(bc.shape, loc.options());
+    d_scale = at::empty(bc.shape, loc.options());
+  }
+  AT_DISPATCH_FLOATING_TYPES(loc.scalar_type(), "tn_kl_uniform", [&] {
+    kl_kernel<scalar_t>(bc, loc.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
+                        low.data_ptr<scalar_t>(), high.data_ptr<scalar_t>(),
+                        q_low.data_ptr<scalar_t>(), q_high.data_ptr<scalar_t>(),
+                        out.data_ptr<scalar_t>(),
+                        need_grad ? d_loc.data_ptr<scalar_t>() : nullptr,
+                        need_grad ? d_scale.data_ptr<scalar_t>() : nullptr);
+  });
+  if (!need_grad) {
+    d_loc = at::empty({0}, loc.options());
+    d_scale = d_loc;
+  }
+  return {out, d_loc, d_scale};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pyro_sbp, m) {
+  m.def(
+      "tn_kl_uniform(Tensor loc, Tensor scale, Tensor low, Tensor high, Tensor q_low, "
+      "Tensor q_high, bool need_grad) -> (Tensor kl, Tensor d_loc, Tensor d_scale)");
+}
+
+TORCH_LIBRARY_IMPL(pyro_sbp, CPU, m) { m.impl("tn_kl_uniform", TORCH_FN(tn_kl_uniform)); }
+
+}  // namespace pyro_sbp

@@ -43,7 +43,9 @@ ENABLED = os.environ.get("PYRO_SBP_NATIVE", "1") != "0"
 
 
 def _name() -> str:
-    digest = hashlib.sha256()
+    # The checkout's path too: torch's cache rebuilds a library whose sources moved, so two
+    # checkouts sharing one name would rebuild it in turn.
+    digest = hashlib.sha256(str(_DIR.resolve()).encode())
     for path in (*_SOURCES, *_HEADERS):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())

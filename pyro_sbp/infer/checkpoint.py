@@ -9,9 +9,11 @@ between people. Every file this package reads with :func:`torch.load` goes throu
 
 Each checkpoint carries a format marker, :data:`FORMAT_VERSION` and the library version that
 wrote it; :func:`load_checkpoint` refuses a file without the marker, of a newer format, or
-whose archive fails its CRC checks (a truncated or corrupted file), naming the file. Writes go
-to a temporary file in the same directory that is renamed over the old one, so a failed or
-killed save leaves the previous checkpoint as it was.
+whose archive fails its CRC checks (a truncated or corrupted file), naming the file. A
+checkpoint of format 2 (whose optimiser state is Pyro's, one torch optimiser per parameter) is
+converted on load to the current layout (:func:`optim_state_from_pyro`). Writes go to a
+temporary file in the same directory that is renamed over the old one, so a failed or killed
+save leaves the previous checkpoint as it was.
 """
 
 import os
@@ -30,11 +32,13 @@ __all__ = [
     "CHECKPOINT_NAME",
     "FORMAT",
     "FORMAT_VERSION",
+    "OLDEST_FORMAT_VERSION",
     "CheckpointError",
     "architecture",
     "architecture_mismatch",
     "load_checkpoint",
     "load_weights",
+    "optim_state_from_pyro",
     "safe_load",
     "save_atomic",
     "save_checkpoint",
@@ -45,10 +49,15 @@ __all__ = [
 CHECKPOINT_NAME = "checkpoint.pt"
 #: The marker of a pyro-sbp checkpoint (its ``"format"`` entry).
 FORMAT = "pyro-sbp checkpoint"
-#: The checkpoint layout written by this version. 2: plain values only (constraints by name,
-#: RNG states as tensors) and the position inside an epoch. Version 1 (unmarked) pickled
-#: arbitrary objects and is refused.
-FORMAT_VERSION = 2
+#: The checkpoint layout written by this version. 3: the SVI optimiser's state is one torch
+#: optimiser's ``state_dict()`` with its parameters' names in order (``{"param_names": [...],
+#: "state_dict": {...}}``). 2: plain values only (constraints by name, RNG states as tensors)
+#: and the position inside an epoch, with Pyro's optimiser state ``{param_name: state_dict}``;
+#: still read (converted on load). Version 1 (unmarked) pickled arbitrary objects and is
+#: refused.
+FORMAT_VERSION = 3
+#: The oldest format :func:`load_checkpoint` reads.
+OLDEST_FORMAT_VERSION = 2
 
 _REFUSED = (
     "not a pyro-sbp checkpoint, or one written by a version that stored arbitrary objects: "
@@ -195,7 +204,33 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise FileNotFoundError(f"no checkpoint at {path}")
     if path.is_file() and path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (corrupt or truncated)")
-    return _check_header(path, safe_load(path, "checkpoint", map_location))
+    ckpt = _check_header(path, safe_load(path, "checkpoint", map_location))
+    if ckpt["format_version"] == 2:
+        ckpt["optim_state"] = optim_state_from_pyro(ckpt["optim_state"])
+    return ckpt
+
+
+def optim_state_from_pyro(state: dict[str, dict]) -> dict:
+    """Pyro's optimiser state (``pyro.optim.PyroOptim.get_state()``: ``{param_name: the
+    state_dict of that parameter's own torch optimiser}``, format 2) in the layout of format 3:
+    ``{"param_names": [...], "state_dict": {...}}``, the state dict of one optimiser with a
+    group per parameter. Each parameter's ``step``, ``exp_avg`` and ``exp_avg_sq`` (its
+    optimiser's state of index 0, absent if it never stepped) go to its position; the trainer
+    then gives them to the parameter of that name.
+    """
+    names, per_param, groups = [], {}, []
+    for i, (name, optim) in enumerate(state.items()):
+        names.append(name)
+        own = optim.get("state") or {}
+        if len(own) > 1 or len(optim.get("param_groups") or [{}]) != 1:
+            raise CheckpointError(
+                f"optimiser state of {name!r} is not that of one parameter's optimiser"
+            )
+        if own:
+            per_param[i] = dict(next(iter(own.values())))
+        group = dict((optim.get("param_groups") or [{}])[0])
+        groups.append(group | {"params": [i]})
+    return {"param_names": names, "state_dict": {"state": per_param, "param_groups": groups}}
 
 
 def _check_header(path: Path, ckpt: Any) -> dict:
@@ -210,7 +245,7 @@ def _check_header(path: Path, ckpt: Any) -> dict:
             f"{ckpt.get('library_version', '?')}); this is pyro-sbp {_library_version()}, which "
             f"reads format {FORMAT_VERSION}: upgrade pyro-sbp to load it"
         )
-    if version < FORMAT_VERSION:
+    if version < OLDEST_FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format {version}, which this version ({FORMAT_VERSION}) "
             "no longer reads"

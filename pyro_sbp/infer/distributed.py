@@ -23,7 +23,8 @@ variational parameters, which :class:`~pyro_sbp.guides.SBPGuide` keeps in Pyro's
 store and which :func:`gate_parameters` turns into :class:`~torch.nn.Parameter` s in place
 (the type only, as :class:`~pyro.nn.PyroModule` does for its own; values unchanged). The loss
 is Pyro's :class:`~pyro.infer.elbo.ELBOModule` of the trainer's ELBO (an ``nn.Module`` over
-the model's and guide's parameters), wrapped in DDP.
+the model's and guide's parameters), wrapped in DDP, and one ``torch.optim.Adam`` over that
+module's parameters (in the trainer's two parameter groups) takes every rank's step.
 """
 
 import atexit
@@ -51,7 +52,13 @@ from pyro_sbp.data import DataSplits
 from pyro_sbp.data._loaders import _as_tuple
 from pyro_sbp.infer.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from pyro_sbp.infer.plain_state import get_plain_rng_state, set_plain_rng_state
-from pyro_sbp.infer.trainer import NonFiniteLossError, TrainConfig, Trainer, evaluate
+from pyro_sbp.infer.trainer import (
+    NonFiniteLossError,
+    TrainConfig,
+    Trainer,
+    evaluate,
+    guide_param_names,
+)
 from pyro_sbp.models import named_gates
 
 __all__ = [
@@ -202,36 +209,14 @@ def gate_parameters(guide, *example, exclude=()) -> dict[str, nn.Parameter]:
     again as a ``Parameter`` over the same values (the type only, as
     :class:`~pyro.nn.PyroModule` converts its store entries), so that a module can hold them
     and DDP or a torch optimiser can see them, and the guide reads the very tensors they
-    update. An ``SBPGuide`` creates its parameters by name; another guide is run once on the
-    ``example`` arguments (e.g. a batch ``x, y, idx, 1.0``), under the random state it is
-    given back after, and its parameters are those it reads but the tensors in ``exclude``
-    (the network's weights).
+    update. Which they are, and their creation: :func:`~pyro_sbp.infer.trainer.
+    guide_param_names` (by name for an ``SBPGuide``; another guide is run once on the
+    ``example`` arguments, e.g. a batch ``x, y, idx, 1.0``, and the tensors in ``exclude``,
+    the network's weights, are left out).
     """
     store = pyro.get_param_store()
-    if hasattr(guide, "site_names") and hasattr(guide, "params"):
-        for site in guide.site_names:
-            guide.params(site)
-        names = [f"{site}.{part}" for site in guide.site_names for part in ("loc", "log_scale")]
-    else:
-        if not example:
-            raise ValueError(
-                f"{type(guide).__name__} creates its parameters when it runs: pass example "
-                "arguments of a call"
-            )
-        state = get_plain_rng_state()
-        try:
-            with pyro.poutine.trace(param_only=True) as capture, torch.no_grad():
-                guide(*example)
-        finally:
-            set_plain_rng_state(state)
-        skip = {id(t) for t in exclude}
-        names = [
-            name
-            for name, site in capture.trace.nodes.items()
-            if id(site["value"].unconstrained()) not in skip
-        ]
     out = {}
-    for name in names:
+    for name in guide_param_names(guide, *example, exclude=exclude):
         value = store[name].unconstrained()
         if not isinstance(value, nn.Parameter):
             value = nn.Parameter(value.detach())
@@ -436,6 +421,10 @@ class DistributedTrainer(Trainer):
             x, y = (t[:2].to(self.device) for t in self.splits.train.tensors)
             example = (x, y, torch.arange(len(y), device=self.device), 1.0)
             self.elbo_module = elbo_module(self.elbo, self.model, self.guide, *example)
+            # The store's gate parameters are Parameters now (new tensors, same values): the
+            # optimiser is built again over the module's parameters, its state carried over
+            # by name (that of the checkpoint when resuming).
+            self.optim = self._build_optimizer(self.optim_state())
             self.ddp_elbo = DistributedDataParallel(self.elbo_module, device_ids=ids)
             self.ddp_net = DistributedDataParallel(self.net, device_ids=ids)
         except BaseException:
@@ -554,27 +543,37 @@ class DistributedTrainer(Trainer):
         self.pretrain_optim.zero_grad(set_to_none=True)
         return total, count
 
+    def _optim_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """The parameters of the ELBO module that DDP wraps, by their names in Pyro's store
+        (before the module exists, during :class:`Trainer`'s construction: the trainer's)."""
+        module = getattr(self, "elbo_module", None)
+        if module is None:
+            return super()._optim_parameters()
+        guide = module.guide
+        out = [(name, p) for name, p in module.model.net.named_parameters()]
+        out += [(guide._store_names[key][0], p) for key, p in guide.named_parameters()]
+        return out
+
     def _step(self, epoch, x, y, idx, beta) -> float:
         """One SVI step on every rank: the rank's minibatch ELBO through DDP (whose backward
-        averages the gradients), the ranks' losses averaged, checked and then the update."""
+        averages the gradients), the ranks' losses averaged, checked and then the step of the
+        torch optimiser (the same on every rank); the gradients are cleared (``None``) after."""
         try:
-            with pyro.poutine.trace(param_only=True) as capture:
-                loss = self.ddp_elbo(x, y, idx, beta)
+            loss = self.ddp_elbo(x, y, idx, beta)
         except ValueError as e:
             if all(torch.isfinite(v).all() for v in pyro.get_param_store().values()):
                 raise
             raise NonFiniteLossError(self._diagnose(epoch, x, y, idx, beta, math.nan)) from e
-        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
         loss.backward()
         gathered = self._all_gather([loss.item(), self._signum()])
         self._adopt_signal(gathered[:, 1])
         mean = float(gathered[:, 0].mean())
         if not math.isfinite(mean):
-            pyro.infer.util.zero_grads(params)
+            self.optim.zero_grad(set_to_none=True)
             local = float(gathered[self.context.rank, 0])
             raise NonFiniteLossError(self._diagnose(epoch, x, y, idx, beta, local))
-        self.optim(params)
-        pyro.infer.util.zero_grads(params)
+        self.optim.step()
+        self.optim.zero_grad(set_to_none=True)
         return mean
 
     def _prune(self) -> None:

@@ -15,7 +15,6 @@ from typing import Any
 import pyro
 import torch
 import torch.nn.functional as F
-from pyro.optim import Adam
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -48,6 +47,9 @@ from pyro_sbp.models import (
 from pyro_sbp.models.sbp_model import NOISE_MODES, check_kl_weight
 
 HISTORY_NAME = "history.json"
+#: The SVI optimiser's parameter groups (their ``"name"``), in order: the network's weights at
+#: :attr:`TrainConfig.lr`, the method's variational parameters at :attr:`TrainConfig.gate_lr`.
+PARAM_GROUPS = ("network", "variational")
 #: :attr:`TrainConfig.lr_schedule` values.
 LR_SCHEDULES = ("constant", "linear", "cosine")
 #: :attr:`TrainConfig.prune_masks` values.
@@ -110,7 +112,8 @@ class TrainConfig:
     :ivar pretrain_epochs: epochs of deterministic training (gates off) before SVI; SBP starts
         from a trained network. Ignored when ``pretrained`` weights are given.
     :ivar lr: learning rate of the weights (Adam).
-    :ivar gate_lr: learning rate of the gates' variational parameters.
+    :ivar gate_lr: learning rate of the gates' variational parameters (the method's
+        :meth:`~pyro_sbp.methods.Method.is_variational` ones: their own Adam parameter group).
     :ivar beta1: Adam's first-moment decay (SBP uses 0.95).
     :ivar kl_weight: the KL weight :math:`\beta` of the gates (see
         :class:`~pyro_sbp.models.SBPModel`): one number, or ``{site: beta}`` (sites left out
@@ -236,6 +239,38 @@ def units_kept_snr(guide: SBPGuide, threshold: float = 1.0) -> dict[str, int]:
     return out
 
 
+def guide_param_names(guide, *example, exclude=()) -> list[str]:
+    """The names of the guide's own parameters in Pyro's parameter store, created if need be
+    (Pyro creates a parameter at its first ``pyro.param``), in the order they are created.
+
+    An :class:`~pyro_sbp.guides.SBPGuide` creates its parameters by name (no random number is
+    drawn); another guide is run once on the ``example`` arguments (e.g. a batch ``x, y, idx,
+    1.0``) without gradients, under the random state it is given back after, and its parameters
+    are those it reads but the tensors in ``exclude`` (the network's weights).
+    """
+    if hasattr(guide, "site_names") and hasattr(guide, "params"):
+        for site in guide.site_names:
+            guide.params(site)
+        return [f"{site}.{part}" for site in guide.site_names for part in ("loc", "log_scale")]
+    if not example:
+        raise ValueError(
+            f"{type(guide).__name__} creates its parameters when it runs: pass example "
+            "arguments of a call"
+        )
+    state = get_plain_rng_state()
+    try:
+        with pyro.poutine.trace(param_only=True) as capture, torch.no_grad():
+            guide(*example)
+    finally:
+        set_plain_rng_state(state)
+    skip = {id(t) for t in exclude}
+    return [
+        name
+        for name, site in capture.trace.nodes.items()
+        if id(site["value"].unconstrained()) not in skip
+    ]
+
+
 @dataclass
 class _EpochProgress:
     """Where a run is inside an epoch: what a checkpoint between two steps must hold to resume
@@ -271,6 +306,13 @@ class Trainer:
     same noise; bit for bit on the CPU). While :meth:`fit` runs, the run directory is locked
     against a second writer, and ``SIGINT`` / ``SIGTERM`` stop it after the current step with
     a checkpoint (:class:`TrainingInterrupted`).
+
+    SVI fits the model and guide with the ELBO's :meth:`~pyro.infer.ELBO.loss_and_grads` and
+    one ``torch.optim.Adam`` (:attr:`optim`) over every parameter, in two parameter groups
+    (:data:`PARAM_GROUPS`): the network's weights at ``config.lr`` and the method's variational
+    parameters at ``config.gate_lr``, both times the schedule's factor. Per element this is the
+    update of ``pyro.optim.Adam``'s optimiser per parameter; it is one optimiser step instead
+    of one per parameter.
 
     Checkpoints hold plain values only and load without unpickling arbitrary objects (see
     :mod:`pyro_sbp.infer.checkpoint`).
@@ -327,7 +369,6 @@ class Trainer:
         num_data = self.splits.num_train
         self.model = self.method.build_model(self.net, num_data, self.input_shape, config)
         self.guide = self.method.build_guide(self.net, num_data, config)
-        self.optim = Adam(self._optim_args)
         self.elbo = CompactMeanField_ELBO()
         self.pretrain_optim = torch.optim.Adam(self.net.parameters(), lr=config.pretrain_lr)
         self.history: list[dict[str, Any]] = []
@@ -337,7 +378,7 @@ class Trainer:
         self._progress: _EpochProgress | None = None
         self._stop: _StopOnSignal | None = None
         self._lr_factor = 1.0
-        self._restored_optim: dict[str, dict] = {}
+        self._restored_optim: dict | None = None
         #: With ``keep_best``: the best fine-tuning epoch so far (its number, validation
         #: accuracy, network state and gate parameters), and whether the run ended with it.
         self.best: dict[str, Any] | None = None
@@ -345,6 +386,11 @@ class Trainer:
             self._restore(checkpoint)
         elif config.pretrained:
             self._load_pretrained(config.pretrained)
+        #: The SVI optimiser: one ``torch.optim.Adam`` over the parameters of the model and
+        #: guide (see :meth:`_build_optimizer`); its parameters' names are
+        #: :attr:`optim_param_names`, in its order.
+        self.optim = self._build_optimizer(self._restored_optim)
+        self._restored_optim = None
 
     @classmethod
     def from_run(
@@ -412,7 +458,102 @@ class Trainer:
         return self.config.gate_lr if self.method.is_variational(name) else self.config.lr
 
     def _optim_args(self, name: str) -> dict:
+        """The Adam settings of parameter ``name`` now (those of its group)."""
         return {"lr": self._base_lr(name) * self._lr_factor, "betas": (self.config.beta1, 0.999)}
+
+    def _group_of(self, name: str) -> str:
+        return PARAM_GROUPS[1] if self.method.is_variational(name) else PARAM_GROUPS[0]
+
+    def _group_lr(self, group: str) -> float:
+        base = self.config.gate_lr if group == PARAM_GROUPS[1] else self.config.lr
+        return base * self._lr_factor
+
+    def _optim_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """``(name, unconstrained tensor)`` of every parameter SVI fits, as Pyro's parameter
+        store names them: the network's (the store holds the modules' own ``Parameter`` s),
+        then the guide's, created now (:func:`guide_param_names`, which draws no random number
+        the run's reproducibility depends on), then any other the store holds (restored from
+        a checkpoint)."""
+        store = pyro.get_param_store()
+        named = list(self.net.named_parameters())
+        x, y = (t[:2].to(self.device) for t in self.splits.train.tensors)
+        example = (x, y, torch.arange(len(y), device=self.device), 1.0)
+        guide_names = guide_param_names(self.guide, *example, exclude=[p for _, p in named])
+        known = {name for name, _ in named}
+        for name in [*guide_names, *store.keys()]:
+            if name not in known:
+                known.add(name)
+                named.append((name, store[name].unconstrained()))
+        return named
+
+    def _build_optimizer(self, state: dict | None = None) -> torch.optim.Adam:
+        """One ``torch.optim.Adam`` over :meth:`_optim_parameters`, in the groups of
+        :data:`PARAM_GROUPS` (each with its ``"name"``; a group without parameters is left
+        out), betas ``(config.beta1, 0.999)``, and the rest torch's defaults (``foreach``
+        where torch picks it). ``state`` (:meth:`optim_state`'s form) is loaded by parameter
+        name."""
+        by_group: dict[str, list] = {g: [] for g in PARAM_GROUPS}
+        for name, param in self._optim_parameters():
+            by_group[self._group_of(name)].append((name, param))
+        groups = [
+            {"params": [p for _, p in members], "name": group, "lr": self._group_lr(group)}
+            for group, members in by_group.items()
+            if members
+        ]
+        #: The names of the optimiser's parameters, in the order of its ``state_dict()``.
+        self.optim_param_names = [name for g in PARAM_GROUPS for name, _ in by_group[g]]
+        self._store_size = len(pyro.get_param_store())
+        optim = torch.optim.Adam(groups, betas=(self.config.beta1, 0.999))
+        if state is not None:
+            self._load_optim_state(optim, state)
+        return optim
+
+    def optim_state(self) -> dict:
+        """The SVI optimiser's state as checkpoints hold it: ``{"param_names": [...],
+        "state_dict": optim.state_dict()}`` (the names in the state dict's order, so that a
+        resumed run maps each parameter's state by name, not by position)."""
+        return {"param_names": list(self.optim_param_names), "state_dict": self.optim.state_dict()}
+
+    def _load_optim_state(self, optim: torch.optim.Optimizer, state: dict) -> None:
+        """Give each parameter of ``optim`` the state (``step``, ``exp_avg``, ``exp_avg_sq``)
+        that ``state`` holds under its name; the groups' settings stay ``optim``'s own (the
+        schedule sets the rates)."""
+        names, saved = state["param_names"], state["state_dict"]["state"]
+        by_name = {names[int(i)]: value for i, value in saved.items()}
+        unknown = sorted(set(by_name) - set(self.optim_param_names))
+        if unknown:
+            raise ValueError(
+                f"the checkpoint's optimiser state is of parameters this run does not have: "
+                f"{', '.join(unknown)}"
+            )
+        own = {
+            i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in by_name[n].items()}
+            for i, n in enumerate(self.optim_param_names)
+            if n in by_name
+        }
+        optim.load_state_dict({"state": own, "param_groups": optim.state_dict()["param_groups"]})
+
+    def _add_new_parameters(self) -> None:
+        """Give the optimiser the parameters the model or guide created since it was built
+        (Pyro creates them at their first ``pyro.param``), each in a new group of its kind,
+        before their first update, as ``pyro.optim`` does. A step without new parameters costs
+        one length comparison."""
+        store = pyro.get_param_store()
+        if len(store) == self._store_size:
+            return
+        self._store_size = len(store)
+        known = set(self.optim_param_names)
+        new: dict[str, list] = {g: [] for g in PARAM_GROUPS}
+        for name in store.keys():
+            if name not in known:
+                new[self._group_of(name)].append(name)
+        for group, names in new.items():
+            if names:
+                params = [store[n].unconstrained() for n in names]
+                self.optim.add_param_group(
+                    {"params": params, "name": group, "lr": self._group_lr(group)}
+                )
+                self.optim_param_names += names
 
     def lr_factor(self, epoch: int) -> float:
         """The learning-rate schedule's factor in SVI epoch ``epoch`` (0-based)."""
@@ -424,26 +565,11 @@ class Trainer:
         return 1.0
 
     def _set_lr_factor(self, factor: float) -> None:
-        # Pyro keeps one torch optimiser per parameter, created at the parameter's first step
-        # (with _optim_args, which reads the factor) and then given the state restored from a
-        # checkpoint, if any: the existing optimisers and those pending states get the rates.
+        """Every parameter group's rate: its base rate (``lr`` or ``gate_lr``) times
+        ``factor``."""
         self._lr_factor = factor
-        store = pyro.get_param_store()
-
-        def set_rates(name: str, groups: list[dict]) -> None:
-            for group in groups:
-                group["lr"] = self._base_lr(name) * factor
-
-        created = set()
-        for param, optimizer in self.optim.optim_objs.items():
-            name = store.param_name(param)
-            created.add(name)
-            set_rates(name, optimizer.param_groups)
-        pending = {k: v for k, v in self._restored_optim.items() if k not in created}
-        for name, state in pending.items():
-            set_rates(name, state["param_groups"])
-        if pending:
-            self.optim.set_state(pending)
+        for group in self.optim.param_groups:
+            group["lr"] = self._group_lr(group["name"])
 
     def _load_pretrained(self, path: str) -> None:
         # A plain state dict or a pyro-sbp checkpoint, both loaded safely (never unpickling).
@@ -484,7 +610,7 @@ class Trainer:
             "net_state": self.net.state_dict(),
             "architecture": architecture(self.net.state_dict()),
             "guide_params": guide_store,
-            "optim_state": self.optim.get_state(),
+            "optim_state": self.optim_state(),
             "pretrain_optim_state": self.pretrain_optim.state_dict(),
             "rng_state": get_plain_rng_state(),
             "sampler_rng": sampler.generator.get_state(),
@@ -525,7 +651,7 @@ class Trainer:
         guide_store = param_store_from_plain(ckpt["guide_params"])
         guide_store["params"] = {k: v.to(self.device) for k, v in guide_store["params"].items()}
         pyro.get_param_store().set_state(guide_store)
-        self.optim.set_state(ckpt["optim_state"])
+        # Loaded by name once the optimiser is built over the restored parameters.
         self._restored_optim = ckpt["optim_state"]
         self.pretrain_optim.load_state_dict(ckpt["pretrain_optim_state"])
         set_plain_rng_state(ckpt["rng_state"])
@@ -634,7 +760,7 @@ class Trainer:
 
     def _keep_best(self) -> None:
         """End with the best fine-tuning epoch's network and gate posteriors (in place: the
-        optimisers keep their parameters)."""
+        optimisers keep their parameters and states)."""
         self.net.load_state_dict(self.best["net_state"])
         store = pyro.get_param_store()
         with torch.no_grad():
@@ -798,22 +924,23 @@ class Trainer:
         }
 
     def _step(self, epoch, x, y, idx, beta) -> float:
-        """One SVI step, as ``SVI.step`` does it, but with the loss checked before the update:
-        a non-finite loss stops training with the parameters intact and names the culprits."""
+        """One SVI step: the ELBO's ``loss_and_grads`` (the loss, and its gradients in the
+        parameters' ``.grad``), then one step of the torch optimiser, with the loss checked
+        before the update: a non-finite loss stops training with the parameters intact and
+        names the culprits. The gradients are cleared (``None``) after."""
         try:
-            with pyro.poutine.trace(param_only=True) as capture:
-                loss = self.elbo.loss_and_grads(self.model, self.guide, x, y, idx, beta)
+            loss = self.elbo.loss_and_grads(self.model, self.guide, x, y, idx, beta)
         except ValueError as e:
             # Under validation a nan parameter fails a distribution's argument check first.
             if all(torch.isfinite(v).all() for v in pyro.get_param_store().values()):
                 raise
             raise NonFiniteLossError(self._diagnose(epoch, x, y, idx, beta, math.nan)) from e
-        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        self._add_new_parameters()
         if not math.isfinite(loss):
-            pyro.infer.util.zero_grads(params)
+            self.optim.zero_grad(set_to_none=True)
             raise NonFiniteLossError(self._diagnose(epoch, x, y, idx, beta, loss))
-        self.optim(params)
-        pyro.infer.util.zero_grads(params)
+        self.optim.step()
+        self.optim.zero_grad(set_to_none=True)
         return float(loss)
 
     def _diagnose(self, epoch, x, y, idx, beta, loss) -> str:

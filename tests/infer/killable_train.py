@@ -74,16 +74,15 @@ def _arm(where: str, n: int) -> None:
 
         trainer_module.evaluate = evaluate
     elif where == "step":
-        import pyro.optim
+        real_build = Trainer._build_optimizer
 
-        real_call = pyro.optim.PyroOptim.__call__
+        def build(self, *args, **kwargs):
+            # The SVI optimiser's step, after the gradients and before the update.
+            optim = real_build(self, *args, **kwargs)
+            optim.register_step_pre_hook(lambda *_: _die() if due() else None)
+            return optim
 
-        def call(self, params, *args, **kwargs):
-            if due():
-                _die()
-            return real_call(self, params, *args, **kwargs)
-
-        pyro.optim.PyroOptim.__call__ = call
+        Trainer._build_optimizer = build
     else:
         raise SystemExit(f"unknown --die {where!r}")
 

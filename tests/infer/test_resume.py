@@ -7,7 +7,8 @@ import pyro
 import pytest
 import torch
 
-from pyro_sbp.infer import TrainConfig, Trainer
+from pyro_sbp.infer import TrainConfig, Trainer, load_checkpoint
+from pyro_sbp.infer import checkpoint as checkpoint_module
 
 SMALL = {"hidden": [16, 8]}
 
@@ -34,7 +35,7 @@ def _snapshot(trainer: Trainer) -> dict:
     return {
         "params": {k: v.detach().clone() for k, v in pyro.get_param_store().items()},
         "net": copy.deepcopy(trainer.net.state_dict()),
-        "optim": copy.deepcopy(trainer.optim.get_state()),
+        "optim": copy.deepcopy(trainer.optim_state()),
         "pretrain_optim": copy.deepcopy(trainer.pretrain_optim.state_dict()),
         "history": [_record(r) for r in trainer.history],
         "steps": trainer.global_step,
@@ -134,3 +135,72 @@ def test_a_finished_run_resumed_does_nothing_more(tmp_path):
     _assert_same(full["history"], state["history"])
     gate_params = {k: v for k, v in full["params"].items() if ".gate." in k}
     _assert_same(gate_params, {k: v for k, v in state["params"].items() if ".gate." in k})
+
+
+class _FormatTwoTrainer(Trainer):
+    """The trainer as it was up to checkpoint format 2: ``pyro.optim.Adam`` (one torch
+    optimiser per parameter, created at its first step) stepping the parameters of each step's
+    trace, and that optimiser's ``get_state()`` as the checkpoint's ``optim_state``."""
+
+    def _build_optimizer(self, state=None):
+        self.pyro_optim = pyro.optim.Adam(self._optim_args)
+        return super()._build_optimizer(state)
+
+    def _set_lr_factor(self, factor):
+        super()._set_lr_factor(factor)
+        store = pyro.get_param_store()
+        for param, optim in self.pyro_optim.optim_objs.items():
+            for group in optim.param_groups:
+                group["lr"] = self._base_lr(store.param_name(param)) * factor
+
+    def _step(self, epoch, x, y, idx, beta):
+        with pyro.poutine.trace(param_only=True) as capture:
+            loss = self.elbo.loss_and_grads(self.model, self.guide, x, y, idx, beta)
+        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        self.pyro_optim(params)
+        pyro.infer.util.zero_grads(params)
+        return float(loss)
+
+    def state(self):
+        return super().state() | {"optim_state": self.pyro_optim.get_state()}
+
+
+def test_a_checkpoint_of_format_2_resumes_as_the_run_would_have_gone_on(tmp_path, monkeypatch):
+    # Written by the per-parameter Pyro optimisers inside an SVI epoch; resumed by the one
+    # torch optimiser, whose Adam update per element is theirs: the run ends as an
+    # uninterrupted one (to rounding), which it cannot if a state went to the wrong parameter.
+    config = _config(checkpoint_every=5)
+    full = _run(config, tmp_path / "a")
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint_module, "FORMAT_VERSION", 2)
+        _crash_after_saves(m, 6)  # at step 20, the second of SVI epoch 2 (9 batches each)
+        with pytest.raises(Crash):
+            _FormatTwoTrainer(config, tmp_path / "b", progress=False).fit()
+    raw = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert raw["format_version"] == 2 and raw["epoch_progress"]["phase"] == "svi"
+    assert set(raw["optim_state"]) == set(full["params"])  # Pyro's {param_name: state_dict}
+    ckpt = load_checkpoint(tmp_path / "b")
+    converted = ckpt["optim_state"]
+    assert converted["param_names"] == list(raw["optim_state"])
+    for i, name in enumerate(converted["param_names"]):
+        own = raw["optim_state"][name]["state"][0]
+        assert set(own) == {"step", "exp_avg", "exp_avg_sq"}
+        for key, value in own.items():
+            assert torch.equal(converted["state_dict"]["state"][i][key], value), (name, key)
+
+    resumed = Trainer(config, tmp_path / "b", resume=True, progress=False)
+    assert resumed.global_step == raw["global_step"] > 0
+    params = [p for group in resumed.optim.param_groups for p in group["params"]]
+    for name, param in zip(resumed.optim_param_names, params, strict=True):
+        own = raw["optim_state"][name]["state"][0]
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(resumed.optim.state[param][key], own[key]), (name, key)
+    resumed.fit()
+    state = _snapshot(resumed)
+    assert state["steps"] == full["steps"]
+    assert [r["phase"] for r in state["history"]] == [r["phase"] for r in full["history"]]
+    for a, b in zip(state["history"], full["history"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert state["params"].keys() == full["params"].keys()
+    for name, value in full["params"].items():
+        torch.testing.assert_close(state["params"][name], value, rtol=1e-4, atol=1e-5)

@@ -1,10 +1,13 @@
 """Trainer odds and ends: history records, pretrained weights, evaluation, units kept."""
 
+import itertools
+
 import pyro
 import pytest
 import torch
 
 from pyro_sbp.infer import TrainConfig, Trainer, evaluate, units_kept_snr
+from pyro_sbp.infer.checkpoint import optim_state_from_pyro
 from pyro_sbp.models import build_network
 
 SMALL = {"hidden": [16, 8]}
@@ -219,3 +222,57 @@ def test_keep_best_ends_with_the_best_finetuning_epoch(tmp_path, monkeypatch):
     ckpt = load_checkpoint(tmp_path)
     assert all(torch.equal(v, best["net"][k]) for k, v in ckpt["net_state"].items())
     assert ckpt["best"]["kept"] and ckpt["svi_done"] == 5
+
+
+def _pyro_optim_steps(trainer: Trainer, batches) -> tuple[list[float], pyro.optim.PyroOptim]:
+    """The SVI steps as the trainer took them before it had one torch optimiser:
+    ``pyro.optim.Adam`` with the trainer's rates, one torch optimiser per parameter (created at
+    its first step), stepping the parameters of each step's trace."""
+    optim = pyro.optim.Adam(trainer._optim_args)
+    losses = []
+    for x, y, idx in batches:
+        with pyro.poutine.trace(param_only=True) as capture:
+            loss = trainer.elbo.loss_and_grads(trainer.model, trainer.guide, x, y, idx, 1.0)
+        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        optim(params)
+        pyro.infer.util.zero_grads(params)
+        losses.append(loss)
+    return losses, optim
+
+
+@pytest.mark.parametrize("method", ["sbp", "sparse-vd", "bc-gnj", "bc-ghs"])
+def test_one_torch_adam_steps_as_pyros_optimiser_per_parameter(method):
+    # Adam is per element: one optimiser with two groups (weights at lr, the variational
+    # parameters at gate_lr, both times the schedule's factor) takes pyro.optim.Adam's steps.
+    config = _config(method=method, pretrain_epochs=0, lr=3e-3, gate_lr=0.05)
+    runs = {}
+    for path in ("torch", "pyro"):
+        trainer = Trainer(config, None, progress=False)
+        trainer.method.set_stochastic(trainer.net, True)
+        trainer.net.train()
+        batches = list(itertools.islice(iter(trainer.loaders["train"]), 4))
+        init = {k: v.detach().clone() for k, v in trainer.net.named_parameters()}
+        pyro.set_rng_seed(7)  # the same noise on both paths
+        if path == "torch":
+            trainer._set_lr_factor(0.5)
+            assert [g["name"] for g in trainer.optim.param_groups] == ["network", "variational"]
+            assert [g["lr"] for g in trainer.optim.param_groups] == [1.5e-3, 0.025]
+            losses = [trainer._step(0, x, y, idx, 1.0) for x, y, idx in batches]
+            assert all(p.grad is None for g in trainer.optim.param_groups for p in g["params"])
+            optim = trainer.optim_state()
+        else:
+            trainer._lr_factor = 0.5
+            losses, pyro_optim = _pyro_optim_steps(trainer, batches)
+            optim = optim_state_from_pyro(pyro_optim.get_state())
+        store = pyro.get_param_store()
+        params = {k: v.detach().clone() for k, v in store.items()}
+        states = dict(zip(optim["param_names"], optim["state_dict"]["state"].values(), strict=True))
+        runs[path] = losses, params, states
+        assert not all(torch.equal(init[k], params[k]) for k in init)
+    (losses, params, states), (old_losses, old_params, old_states) = runs["torch"], runs["pyro"]
+    assert losses == pytest.approx(old_losses, rel=1e-6)
+    assert params.keys() == old_params.keys() == states.keys() == old_states.keys()
+    for name in params:
+        torch.testing.assert_close(params[name], old_params[name])
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(states[name][key], old_states[name][key])

@@ -12,8 +12,8 @@ They are compiled with :func:`torch.utils.cpp_extension.load` the first time the
 (about a minute; the library is cached in ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``, and ``make`` builds it at install time). Without a C++ compiler,
 with ``PYRO_SBP_NATIVE=0`` in the environment, or on another device than the CPU, the
-distributions use the PyTorch path, which gives the same values to rounding; :func:`available`
-says which one runs. ``python -m pyro_sbp._native`` builds the library and reports.
+distributions use the PyTorch path, which gives the same values to rounding; :func:`enabled`
+says whether the kernels run. ``python -m pyro_sbp._native`` builds the library and reports.
 """
 
 import hashlib
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "enabled", "load", "usable"]
+__all__ = ["enabled", "load", "usable"]
 
 _DIR = Path(__file__).parent
 _SOURCES = sorted(_DIR.glob("*.cpp"))
@@ -93,11 +93,6 @@ def enabled() -> bool:
     """Whether the kernels are switched on (:data:`ENABLED`) and loaded (building them if
     needed)."""
     return ENABLED and load()
-
-
-def available() -> bool:
-    """Whether the CPU tensors of float32 and float64 take the native kernels."""
-    return enabled()
 
 
 def usable(*tensors: Tensor) -> bool:

@@ -373,6 +373,38 @@ inline void flat_halves(T al, T width, T& half_cov, T& half_var) {
   half_var = T(0.5) * var;
 }
 
+// The positions of consecutive elements (row-major over shape) in N strided parameters, advanced
+// one element at a time: off[q] is the current element's position in parameter q.
+template <int N>
+struct Walker {
+  const std::vector<int64_t>& shape;
+  const std::vector<std::vector<int64_t>>& strides;
+  std::vector<int64_t> idx;
+  int64_t off[N] = {0};
+
+  Walker(const std::vector<int64_t>& shape_, const std::vector<std::vector<int64_t>>& strides_,
+         int64_t begin)
+      : shape(shape_), strides(strides_), idx(shape_.size(), 0) {
+    int64_t rest = begin;
+    for (int64_t d = static_cast<int64_t>(shape.size()) - 1; d >= 0; --d) {
+      idx[d] = rest % shape[d];
+      rest /= shape[d];
+      for (int q = 0; q < N; ++q) off[q] += idx[d] * strides[q][d];
+    }
+  }
+
+  void next() {
+    for (int64_t d = static_cast<int64_t>(shape.size()) - 1; d >= 0; --d) {
+      if (++idx[d] < shape[d]) {
+        for (int q = 0; q < N; ++q) off[q] += strides[q][d];
+        return;
+      }
+      for (int q = 0; q < N; ++q) off[q] -= strides[q][d] * (shape[d] - 1);
+      idx[d] = 0;
+    }
+  }
+};
+
 // Reads broadcast parameters element by element: the output has the broadcast shape of the
 // parameters, each read through its own strides (0 where it broadcasts), nothing copied.
 struct Broadcast {
@@ -401,25 +433,10 @@ struct Broadcast {
   // position of element i in parameter q.
   template <int N, typename F>
   void for_range(int64_t begin, int64_t end, F&& f) const {
-    const int64_t k = static_cast<int64_t>(shape.size());
-    std::vector<int64_t> idx(k, 0);
-    int64_t off[N] = {0};
-    int64_t rest = begin;
-    for (int64_t d = k - 1; d >= 0; --d) {
-      idx[d] = rest % shape[d];
-      rest /= shape[d];
-      for (int q = 0; q < N; ++q) off[q] += idx[d] * strides[q][d];
-    }
+    Walker<N> w(shape, strides, begin);
     for (int64_t i = begin; i < end; ++i) {
-      f(i, off);
-      for (int64_t d = k - 1; d >= 0; --d) {
-        if (++idx[d] < shape[d]) {
-          for (int q = 0; q < N; ++q) off[q] += strides[q][d];
-          break;
-        }
-        for (int q = 0; q < N; ++q) off[q] -= strides[q][d] * (shape[d] - 1);
-        idx[d] = 0;
-      }
+      f(i, w.off);
+      w.next();
     }
   }
 };

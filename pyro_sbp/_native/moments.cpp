@@ -9,17 +9,25 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "common.h"
+#include "simd_common.h"
 
 namespace pyro_sbp {
 namespace {
 
+// kappa's switch: below it, the tilted variance sigma^2 Var replaces the difference of log Zhats.
+template <typename T>
+inline T kappa_switch() {
+  return is_double<T>() ? T(1e-7) : T(1e-3);
+}
+
 template <typename T>
 void moments_kernel(const Broadcast& bc, const T* loc, const T* scale, const T* low,
                     const T* high, T* mean, T* variance) {
-  const T switch_at = is_double<T>() ? T(1e-7) : T(1e-3);
+  const T switch_at = kappa_switch<T>();
   at::parallel_for(0, bc.numel, 512, [&](int64_t begin, int64_t end) {
     bc.for_range<4>(begin, end, [&](int64_t i, const int64_t* o) {
       const T mu = loc[o[0]], sigma = scale[o[1]], lo = low[o[2]], hi = high[o[3]];
@@ -29,20 +37,22 @@ void moments_kernel(const Broadcast& bc, const T* loc, const T* scale, const T* 
       // _shift.
       const T s0 = nearest_to_zero(alpha, beta);
       const T ts2 = T(2) * sigma;
-      const T d1 = sigma - (std::min(std::max(sigma, alpha), beta) - s0);
+      const T m1 = std::min(std::max(sigma, alpha), beta) - s0;
+      const T d1 = sigma - m1;
       const T d2 = ts2 - (std::min(std::max(ts2, alpha), beta) - s0);
-      // log Zhat of the normal and of its tilts (log_zhat's closed forms).
+      // log Zhat of the normal and of its tilts (log_zhat's closed forms; the tilt by e^x's
+      // from its statistics, which hold it).
       const T lz0 = closed_log_zhat(canonical(alpha, beta, width));
       const Canon<T> c1 = canonical(alpha - sigma, beta - sigma, width);
-      const T lz1 = closed_log_zhat(c1);
+      const Stats<T> st1 = closed_stats(c1, true);
+      const T lz1 = st1.log_zhat;
       const T lz2 = closed_log_zhat(canonical(alpha - ts2, beta - ts2, width));
       // _log_mean.
-      const T log_mean = mu + d1 * s0 + T(0.5) * (sigma - d1) * (sigma + d1) + lz1 - lz0;
+      const T log_mean = mu + d1 * s0 + T(0.5) * m1 * (sigma + d1) + lz1 - lz0;
       // _kappa.
       T exact = (d2 - T(2) * d1) * s0 + sigma * sigma - T(0.5) * (d2 * d2) + d1 * d1;
       exact = exact + (lz2 - lz1) - (lz1 - lz0);
-      const T tilted_var = is_flat(c1.al, c1.be, c1.wd) ? flat_variance(c1.al, c1.wd)
-                                                         : closed_stats(c1, true).var;
+      const T tilted_var = is_flat(c1.al, c1.be, c1.wd) ? flat_variance(c1.al, c1.wd) : st1.var;
       const T small = sigma * sigma * tilted_var;
       const T kappa = clamp_min0(small < switch_at ? small : exact);
       // mean and variance (torch.minimum propagates nan).
@@ -54,6 +64,96 @@ void moments_kernel(const Broadcast& bc, const T* loc, const T* scale, const T* 
   });
 }
 
+#ifdef PYRO_SBP_SIMD
+// moments_kernel<float>, eight lanes at a time: each of the three log Zhats runs its closed forms
+// on its own lists of straddling and tail elements; the nearly flat tilted intervals take
+// flat_variance.
+void moments_kernel_simd(const Broadcast& bc, const float* loc, const float* scale,
+                         const float* low, const float* high, float* mean, float* variance) {
+  using namespace simd;
+  const V switch_at = kappa_switch<float>();
+  at::parallel_for(0, bc.numel, 2048, [&](int64_t begin, int64_t end) {
+    Walker<4> w(bc.shape, bc.strides, begin);
+    alignas(32) float p[4][kBlock];
+    alignas(32) float alpha[kBlock], beta[kBlock], width[kBlock];
+    alignas(32) float lz0[kBlock], lz1[kBlock], lz2[kBlock], tvar[kBlock];
+    alignas(32) float out_m[kBlock], out_v[kBlock];
+    const float* src[4] = {loc, scale, low, high};
+    CanonBlock cb;
+    for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+      const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b0));
+      for (int k = 0; k < n; ++k) {
+        for (int q = 0; q < 4; ++q) p[q][k] = src[q][w.off[q]];
+        w.next();
+      }
+      for (int q = 0; q < 4; ++q) pad(p[q], n);
+      // The standardised bounds of the normal (shift 0), then of its tilts (shifts 1 and 2).
+      for (int tilt = 0; tilt < 3; ++tilt) {
+        for (int i = 0; i < n; i += kLanes) {
+          const V mu = V::load(p[0] + i), sigma = V::load(p[1] + i);
+          const V lo = V::load(p[2] + i), hi = V::load(p[3] + i);
+          V a = (lo - mu) / sigma, b = (hi - mu) / sigma;
+          if (tilt > 0) {
+            const V shift = tilt == 1 ? sigma : V(2.0f) * sigma;
+            a = a - shift;
+            b = b - shift;
+          }
+          a.store(alpha + i);
+          b.store(beta + i);
+          ((hi - lo) / sigma).store(width + i);
+        }
+        if (tilt != 1) {
+          cb.set(alpha, beta, width, n, false);
+          closed_log_zhat(cb, tilt == 0 ? lz0 : lz2);
+          continue;
+        }
+        cb.set(alpha, beta, width, n, false);
+        for_lanes(cb.tail, [&](int j, __m256i ix) {
+          const StatsV st = tail_stats(gather(cb.al, ix), gather(cb.be, ix), gather(cb.wd, ix), true);
+          scatter(lz1, cb.tail, j, st.log_zhat);
+          scatter(tvar, cb.tail, j, st.var);
+        });
+        for_lanes(cb.straddle, [&](int j, __m256i ix) {
+          const StatsV st = straddle_stats(gather(cb.al, ix), gather(cb.be, ix), true);
+          scatter(lz1, cb.straddle, j, st.log_zhat);
+          scatter(tvar, cb.straddle, j, st.var);
+        });
+        for (int i = 0; i < n; i += kLanes) {
+          const int valid = n - i >= kLanes ? 0xff : (1 << (n - i)) - 1;
+          int fl = bits(is_flat(V::load(cb.al + i), V::load(cb.be + i), V::load(cb.wd + i))) & valid;
+          while (fl != 0) {
+            const int k = i + __builtin_ctz(fl);
+            fl &= fl - 1;
+            tvar[k] = flat_variance(cb.al[k], cb.wd[k]);
+          }
+        }
+      }
+      for (int i = 0; i < n; i += kLanes) {
+        const V mu = V::load(p[0] + i), sigma = V::load(p[1] + i);
+        const V lo = V::load(p[2] + i), hi = V::load(p[3] + i);
+        const V a = (lo - mu) / sigma, b = (hi - mu) / sigma;
+        const V s0 = select(a < V(0.0f), V(0.0f), a) + select(b > V(0.0f), V(0.0f), b);
+        const V ts2 = V(2.0f) * sigma;
+        const V m1 = min(max(sigma, a), b) - s0;
+        const V d1 = sigma - m1;
+        const V d2 = ts2 - (min(max(ts2, a), b) - s0);
+        const V l0 = V::load(lz0 + i), l1 = V::load(lz1 + i), l2 = V::load(lz2 + i);
+        const V log_mean = mu + d1 * s0 + V(0.5f) * m1 * (sigma + d1) + l1 - l0;
+        V exact = (d2 - V(2.0f) * d1) * s0 + sigma * sigma - V(0.5f) * (d2 * d2) + d1 * d1;
+        exact = exact + (l2 - l1) - (l1 - l0);
+        const V small = sigma * sigma * V::load(tvar + i);
+        const V kappa = clamp_min0(select(small < switch_at, small, exact));
+        const V e = exp(log_mean);
+        select(isnan(e), e, min(e, exp(hi))).store(out_m + i);
+        (exp(log_mean * V(2.0f)) * expm1(kappa)).store(out_v + i);
+      }
+      std::copy(out_m, out_m + n, mean + b0);
+      std::copy(out_v, out_v + n, variance + b0);
+    }
+  });
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor> tln_moments(const at::Tensor& loc, const at::Tensor& scale,
                                                const at::Tensor& log_low,
                                                const at::Tensor& log_high) {
@@ -64,6 +164,14 @@ std::tuple<at::Tensor, at::Tensor> tln_moments(const at::Tensor& loc, const at::
   const Broadcast bc(params);
   auto mean = at::empty(bc.shape, loc.options());
   auto variance = at::empty(bc.shape, loc.options());
+#ifdef PYRO_SBP_SIMD
+  if (loc.scalar_type() == at::kFloat) {
+    moments_kernel_simd(bc, loc.data_ptr<float>(), scale.data_ptr<float>(),
+                        log_low.data_ptr<float>(), log_high.data_ptr<float>(),
+                        mean.data_ptr<float>(), variance.data_ptr<float>());
+    return {mean, variance};
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES(loc.scalar_type(), "tln_moments", [&] {
     moments_kernel<scalar_t>(bc, loc.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
                              log_low.data_ptr<scalar_t>(), log_high.data_ptr<scalar_t>(),

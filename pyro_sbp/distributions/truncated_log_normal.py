@@ -190,17 +190,15 @@ class TruncatedLogNormal(LazyExpand, TorchDistribution):
     @lazy_property
     def _shift(self):
         # (alpha - t sigma, beta - t sigma) are the standardised bounds of the normal tilted by
-        # exp(t x); delta_t = s_0 - s_t in [0, t sigma] is formed without cancellation.
+        # exp(t x); delta_t = s_0 - s_t in [0, t sigma] is formed without cancellation, and so
+        # is t sigma - delta_1 = moved_1 (the shift of the nearest point to zero), which
+        # sigma - delta_1 would lose to the rounding of delta_1 where sigma is large.
         base = self.base_dist
         alpha, beta, sigma = base._alpha, base._beta, base._cscale
         s0 = _standard.nearest_to_zero(alpha, beta)
-
-        def delta(t):
-            ts = t * sigma
-            moved = torch.minimum(torch.maximum(ts, alpha), beta) - s0
-            return ts - moved
-
-        return s0, delta(1.0), delta(2.0)
+        m1 = torch.minimum(torch.maximum(sigma, alpha), beta) - s0
+        m2 = torch.minimum(torch.maximum(2.0 * sigma, alpha), beta) - s0
+        return s0, sigma - m1, 2.0 * sigma - m2, m1
 
     @lazy_property
     def _tilted(self):
@@ -219,12 +217,12 @@ class TruncatedLogNormal(LazyExpand, TorchDistribution):
     @lazy_property
     def _log_mean(self):
         # K(1) = mu + sigma^2/2 + log Z_1 - log Z_0, with the quadratic parts cancelled.
-        s0, d1, _ = self._shift
+        s0, d1, _, m1 = self._shift
         sigma = self.base_dist._cscale
         return (
             self.base_dist._cloc
             + d1 * s0
-            + 0.5 * (sigma - d1) * (sigma + d1)
+            + 0.5 * m1 * (sigma + d1)
             + self._tilted_log_zhat
             - self.base_dist._log_zhat
         )
@@ -232,7 +230,7 @@ class TruncatedLogNormal(LazyExpand, TorchDistribution):
     @lazy_property
     def _kappa(self):
         base = self.base_dist
-        s0, d1, d2 = self._shift
+        s0, d1, d2, _ = self._shift
         sigma = base._cscale
         _, lz2 = _standard.log_zhat(
             base._alpha - 2.0 * sigma, base._beta - 2.0 * sigma, base._width

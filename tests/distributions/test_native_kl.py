@@ -15,8 +15,11 @@ there (the largest over the normal and its tilts), else 1:
   cancelled terms (``1 + |log width|`` for the KL; ``1 + 1 / width`` for the gradients, whose
   terms ``phi(alpha) / Z`` grow so on a narrow interval; 0 for the mean and variance): 1.4e-14
   relative where nothing cancels.
-* float32: the same bound with 1e-5 relative, where the PyTorch path is itself that accurate
-  (against float64, on the same float32 inputs); everywhere, the native path is as accurate as
+* float32: within 2e-5 relative (plus the same bound) of float64 on the same float32 inputs,
+  where the PyTorch path is within 1e-5, and within ``4 eps (|alpha| + |beta|) / width`` relative
+  more on a narrow tail interval (its float32 bounds are rounded by ``eps |alpha|`` each, that
+  much of their difference, on which the tail formulas' ``E_alpha - E_beta`` depends: which way
+  each path's rounding falls there is luck); everywhere, the native path is as accurate as
   the PyTorch path where that keeps three digits: its error against float64 at most twice the
   PyTorch path's, plus 16 eps cond (|ref| + T). Where the PyTorch path keeps fewer (narrow
   intervals far out in a tail: the truncated log-normal's variance on [e^-0.7, e^-0.6] is up to
@@ -101,6 +104,21 @@ def _cond(loc, scale, bounds, shifts):
     return cond
 
 
+def _narrow(loc, scale, bounds, shifts):
+    """``(|alpha| + |beta|) / width`` where the interval (of the normal tilted by each of
+    ``shifts``) lies in a tail, else 0: the float32 bounds are each rounded by ``eps |alpha|``,
+    so that the difference ``E_alpha - E_beta`` of the tail formulas is known to ``eps`` times
+    this, relative, whatever the formulas (module docstring)."""
+    lo, hi = (b.double() for b in bounds)
+    m, s = loc.double(), scale.double()
+    out = torch.zeros_like(m)
+    for t in shifts:
+        a, b = (lo - m) / s - t * s, (hi - m) / s - t * s
+        ratio = (a.abs() + b.abs()) / ((hi - lo) / s)
+        out = torch.maximum(out, torch.where(a * b > 0, ratio, 0.0))
+    return out
+
+
 def _terms(name, loc, scale, bounds):
     # Magnitude of the terms each quantity is the difference of (module docstring).
     if name == "kl":
@@ -166,10 +184,13 @@ def test_float32_is_as_accurate_as_the_pytorch_path(monkeypatch, bounds):
         cond = _cond(loc, scale, log_bounds, SHIFTS.get(name, [0.0]))
         terms = _terms(name, loc, scale, log_bounds)
         err_torch = (want.double() - r).abs()
-        # Where the PyTorch path is accurate to 1e-5, the two agree to that.
+        # Where the PyTorch path is accurate to 1e-5, the native one is to 2e-5 (against float64:
+        # two paths each within 1e-5 of it may differ by more than 1e-5 from each other), up to
+        # the rounding of the bounds of a narrow tail interval.
         accurate = err_torch <= 1e-5 * r.abs() + 16 * eps * cond * terms
-        atol = 1e-5 * want.abs().double() + 64 * eps * cond * terms
-        _assert_close(got, want, atol, name, where=accurate)
+        narrow = 4 * eps * _narrow(loc, scale, log_bounds, SHIFTS.get(name, [0.0])) * r.abs()
+        atol = 2e-5 * r.abs() + 64 * eps * cond * terms + narrow
+        _assert_close(got.double(), r, atol, name, where=accurate)
         # Where it keeps three digits, the native error is at most about the PyTorch path's.
         kept = err_torch <= 1e-3 * r.abs() + 16 * eps * cond * terms
         err = (got.double() - r).abs()

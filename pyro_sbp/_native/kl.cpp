@@ -104,16 +104,19 @@ void kl_kernel(const Broadcast& bc, const T* loc, const T* scale, const T* low, 
 }
 
 #ifdef PYRO_SBP_SIMD
-// The values of kl_kernel<float> (no derivatives), eight lanes at a time: each block's
-// straddling and tail elements run the closed forms on their own lane lists, the nearly flat
-// ones kl_one's quadrature.
+// kl_kernel<float>, eight lanes at a time: each block's straddling and tail elements run the
+// closed forms (standard_kl's and kl_grads') on their own lane lists, the nearly flat ones the
+// quadrature of flat_kl and flat_halves.
 void kl_kernel_simd(const Broadcast& bc, const float* loc, const float* scale, const float* low,
-                    const float* high, const float* q_low, const float* q_high, float* out) {
+                    const float* high, const float* q_low, const float* q_high, float* out,
+                    float* d_loc, float* d_scale) {
   using namespace simd;
+  const bool grads = d_loc != nullptr;
   at::parallel_for(0, bc.numel, 2048, [&](int64_t begin, int64_t end) {
     Walker<6> w(bc.shape, bc.strides, begin);
     alignas(32) float p[6][kBlock];
     alignas(32) float alpha[kBlock], beta[kBlock], width[kBlock], kl[kBlock], res[kBlock];
+    alignas(32) float hc[kBlock], hv[kBlock], res_l[kBlock], res_s[kBlock];
     const float* src[6] = {loc, scale, low, high, q_low, q_high};
     CanonBlock cb;
     for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
@@ -133,15 +136,41 @@ void kl_kernel_simd(const Broadcast& bc, const float* loc, const float* scale, c
       cb.set(alpha, beta, width, n, true);
       for_lanes(cb.tail, [&](int j, __m256i ix) {
         const V al = gather(cb.al, ix), be = gather(cb.be, ix), wd = gather(cb.wd, ix);
-        scatter(kl, cb.tail, j, clamp_min0(log(wd) - tail_stats(al, be, wd, false).entropy));
+        const TailZV t = tail_log_zhat(al, be, wd);
+        const V ea = t.a.e, da = t.a.d, db = t.b.d;
+        const V ent = (al * ea * da - t.q_eb * (be * db + wd * (be + al))) / t.d;
+        const V entropy = V(C::half_log_2pi_e) + t.log_zhat + V(0.5f) * ent;
+        scatter(kl, cb.tail, j, clamp_min0(log(wd) - entropy));
+        if (!grads) return;
+        // _tail_terms.
+        const V w2 = V(2.0f) * t.w;
+        const V x = (ea * t.a.u - t.q_eb * (t.b.u - w2)) / t.d;
+        const V a = V(C::sqrt_2_over_pi) / t.d;
+        const V b = V(C::sqrt_2_over_pi) * exp(-t.w) / t.d;
+        const V y1 = -x, y2 = w2 + x;
+        scatter(hc, cb.tail, j, V(-0.5f) * (a * y1 + b * y2));
+        scatter(hv, cb.tail, j, V(1.0f) - V(0.5f) * (al * a * y1 + be * b * y2));
       });
       for_lanes(cb.straddle, [&](int j, __m256i ix) {
         const V al = gather(cb.al, ix), be = gather(cb.be, ix), wd = gather(cb.wd, ix);
-        scatter(kl, cb.straddle, j, clamp_min0(log(wd) - straddle_stats(al, be, false).entropy));
+        const V an = nonpositive(al);
+        const V z = straddle_z(an, be);
+        const V pa = normal_pdf(an), pb = normal_pdf(be);
+        const V ent = (an * pa - be * pb) / z;
+        const V entropy = V(C::half_log_2pi_e) + log(z) + V(0.5f) * ent;
+        scatter(kl, cb.straddle, j, clamp_min0(log(wd) - entropy));
+        if (!grads) return;
+        // _straddle_terms.
+        const V a = pa / z, b = pb / z;
+        const V tt = an * a - be * b;
+        const V y1 = tt - an * an - V(1.0f), y2 = be * be + V(1.0f) - tt;
+        scatter(hc, cb.straddle, j, V(-0.5f) * (a * y1 + b * y2));
+        scatter(hv, cb.straddle, j, V(1.0f) - V(0.5f) * (al * a * y1 + be * b * y2));
       });
       for (int j = 0; j < cb.flat.n; ++j) {
         const int k = cb.flat.idx[j];
         kl[k] = clamp_min0(flat_kl(cb.al[k], cb.wd[k]));
+        if (grads) flat_halves(cb.al[k], cb.wd[k], hc[k], hv[k]);
       }
       for (int i = 0; i < n; i += kLanes) {
         const V lo = V::load(p[2] + i), hi = V::load(p[3] + i);
@@ -150,8 +179,21 @@ void kl_kernel_simd(const Broadcast& bc, const float* loc, const float* scale, c
         const M nested = (qlo <= lo) & (hi <= qhi);
         select(nested, clamp_min0(total), V(std::numeric_limits<float>::infinity()))
             .store(res + i);
+        if (!grads) continue;
+        // torch.where(nested, kl.clamp(min=0), inf) passes the gradient where nested and
+        // total >= 0 only.
+        const M pass = nested & (total >= V(0.0f));
+        const V s = V::load(p[1] + i);
+        const V gl = -V::load(cb.sign + i) * V::load(hc + i) / s;
+        const V gs = -V::load(hv + i) / s;
+        select(pass, gl, V(0.0f)).store(res_l + i);
+        select(pass, gs, V(0.0f)).store(res_s + i);
       }
       std::copy(res, res + n, out + b0);
+      if (grads) {
+        std::copy(res_l, res_l + n, d_loc + b0);
+        std::copy(res_s, res_s + n, d_scale + b0);
+      }
     }
   });
 }
@@ -172,11 +214,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tn_kl_uniform(
     d_scale = at::empty(bc.shape, loc.options());
   }
 #ifdef PYRO_SBP_SIMD
-  if (!need_grad && loc.scalar_type() == at::kFloat) {
+  if (loc.scalar_type() == at::kFloat) {
     kl_kernel_simd(bc, loc.data_ptr<float>(), scale.data_ptr<float>(), low.data_ptr<float>(),
                    high.data_ptr<float>(), q_low.data_ptr<float>(), q_high.data_ptr<float>(),
-                   out.data_ptr<float>());
-    return {out, at::empty({0}, loc.options()), at::empty({0}, loc.options())};
+                   out.data_ptr<float>(), need_grad ? d_loc.data_ptr<float>() : nullptr,
+                   need_grad ? d_scale.data_ptr<float>() : nullptr);
+    if (!need_grad) {
+      d_loc = at::empty({0}, loc.options());
+      d_scale = d_loc;
+    }
+    return {out, d_loc, d_scale};
   }
 #endif
   AT_DISPATCH_FLOATING_TYPES(loc.scalar_type(), "tn_kl_uniform", [&] {

@@ -143,8 +143,10 @@ void moments_kernel_simd(const Broadcast& bc, const float* loc, const float* sca
         exact = exact + (l2 - l1) - (l1 - l0);
         const V small = sigma * sigma * V::load(tvar + i);
         const V kappa = clamp_min0(select(small < switch_at, small, exact));
+        // min(e, exp(high)): exp(high) is needed only where log_mean < high fails.
         const V e = exp(log_mean);
-        select(isnan(e), e, min(e, exp(hi))).store(out_m + i);
+        const V cap = any(~(log_mean < hi)) ? exp(hi) : e;
+        select(isnan(e), e, min(e, cap)).store(out_m + i);
         (exp(log_mean * V(2.0f)) * expm1(kappa)).store(out_v + i);
       }
       std::copy(out_m, out_m + n, mean + b0);

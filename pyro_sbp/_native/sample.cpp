@@ -9,10 +9,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "common.h"
 #include "layout.h"
+#include "simd_common.h"
 
 namespace pyro_sbp {
 namespace {
@@ -141,6 +144,120 @@ void sample_kernel(const std::vector<Unit<T>>& units, const T* u_in, T* out, T* 
   });
 }
 
+#ifdef PYRO_SBP_SIMD
+// sample_kernel<float> for one block of samples at a time, eight lanes at a time: the
+// straddling, moderate-tail and far-tail samples run their formulas (sample_one's) on their own
+// lane lists, their derivatives too when d_loc is given. load(b0, n, p) writes the parameters
+// (loc, scale, low, high, exp_low, exp_high) of the samples b0 ... b0 + n - 1 into p[0..5].
+template <typename Load>
+void sample_kernel_simd(Load&& load, const float* u_in, float* out, float* d_loc,
+                        float* d_scale, int64_t numel, bool log_space) {
+  using namespace simd;
+  const bool grads = d_loc != nullptr;
+  at::parallel_for(0, numel, 2048, [&](int64_t begin, int64_t end) {
+    alignas(32) float p[6][kBlock];
+    alignas(32) float alpha[kBlock], beta[kBlock], width[kBlock], uu[kBlock], off[kBlock];
+    alignas(32) float dl[kBlock], ds[kBlock], res[kBlock], res_l[kBlock], res_s[kBlock];
+    CanonBlock cb;
+    const V u_min = tiny<float>();
+    const V u_max = 1.0f - std::numeric_limits<float>::epsilon() / 2.0f;
+    const V thr = ndtr_tail_threshold<float>();
+    for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+      const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b0));
+      load(b0, n, p);
+      std::copy(u_in + b0, u_in + b0 + n, uu);
+      for (int q = 0; q < 6; ++q) pad(p[q], n);
+      pad(uu, n);
+      for (int i = 0; i < n; i += kLanes) {
+        const V m = V::load(p[0] + i), sc = V::load(p[1] + i);
+        const V lo = V::load(p[2] + i), hi = V::load(p[3] + i);
+        ((lo - m) / sc).store(alpha + i);
+        ((hi - m) / sc).store(beta + i);
+        ((hi - lo) / sc).store(width + i);
+        min(max(V::load(uu + i), u_min), u_max).store(uu + i);
+      }
+      cb.set(alpha, beta, width, n, false);
+      for_lanes(cb.straddle, [&](int j, __m256i ix) {
+        const V al = gather(cb.al, ix), be = gather(cb.be, ix);
+        const V u = gather(uu, ix), ubar = V(1.0f) - u;
+        const V an = nonpositive(al);
+        const V z = straddle_z(an, be);
+        const V p_low = normal_cdf_neg(-an) + u * z;
+        const V p_high = normal_cdf_neg(be) + ubar * z;
+        const V pr = max(min(p_low, p_high), V(tiny<float>()));
+        const V xi = copysign(ndtri_lower(pr), p_low - p_high);
+        scatter(off, cb.straddle, j, xi);
+        if (!grads) return;
+        const V g_alpha = exp(log(ubar) + V(0.5f) * (xi - al) * (xi + al));
+        const V g_beta = exp(log(u) - V(0.5f) * (be - xi) * (be + xi));
+        scatter(dl, cb.straddle, j, V(1.0f) - g_alpha - g_beta);
+        scatter(ds, cb.straddle, j, xi - al * g_alpha - be * g_beta);
+      });
+      for_lanes(cb.tail, [&](int j, __m256i ix) {
+        const V al = gather(cb.al, ix), be = gather(cb.be, ix), wd = gather(cb.wd, ix);
+        const V u = gather(uu, ix), ubar = V(1.0f) - u;
+        const GapV ga = tail_gap(al, grads);
+        const V ea = ga.e;
+        const V eb = erfcx(be * V(C::sqrt1_2));
+        const V w = V(0.5f) * wd * (be + al);
+        const V rho = exp(-w) * eb / ea;
+        const V mix = ubar + u * rho;
+        const V log_p = log(mix);
+        const M moderate = al < thr;
+        V x = 0.0f;
+        if (any(moderate)) {
+          const V log_q = log(normal_cdf_neg(min(al, thr)));
+          const V pr = max(exp(log_q + log_p), V(tiny<float>()));
+          x = max(-ndtri_lower(pr) - al, V(0.0f));
+        }
+        if (bits(moderate) != 0xff) {
+          // Newton's excess (newton_excess).
+          V z = V(-2.0f) * log_p / (al + sqrt(al * al - V(2.0f) * log_p));
+          for (int k = 0; k <= newton_steps<float>(); ++k) {
+            const V ey = erfcx((al + z) * V(C::sqrt1_2));
+            const V g = log(ey / ea) - V(0.5f) * z * (V(2.0f) * al + z) - log_p;
+            z = max(z + g / (V(C::sqrt_2_over_pi) / ey), V(0.0f));
+          }
+          x = select(moderate, x, z);
+        }
+        scatter(off, cb.tail, j, x);
+        if (!grads) return;
+        const GapV gb = tail_gap(be);
+        const V z = max(x, V(0.0f));
+        const GapV gy = tail_gap(al + z);
+        const V wt = u * rho / mix;
+        const V dz_da = (-z + ga.d - gy.d - wt * ga.r) / gy.r;
+        const V dz_db = wt * gb.r / gy.r;
+        scatter(dl, cb.tail, j, (z - ga.d + gy.d + wt * (ga.d - gb.d - wd)) / gy.r);
+        scatter(ds, cb.tail, j, z - al * dz_da - be * dz_db);
+      });
+      for (int i = 0; i < n; i += kLanes) {
+        const V m = V::load(p[0] + i), sc = V::load(p[1] + i);
+        const V lo = V::load(p[2] + i), hi = V::load(p[3] + i);
+        const V sign = V::load(cb.sign + i);
+        const V center = min(max(m, lo), hi);
+        V x = min(max(center + sc * (sign * V::load(off + i)), lo), hi);
+        if (log_space) x = min(max(exp(x), V::load(p[4] + i)), V::load(p[5] + i));
+        x.store(res + i);
+        if (!grads) continue;
+        V gl = V::load(dl + i), gs = sign * V::load(ds + i);
+        if (log_space) {
+          gl = gl * x;
+          gs = gs * x;
+        }
+        gl.store(res_l + i);
+        gs.store(res_s + i);
+      }
+      std::copy(res, res + n, out + b0);
+      if (grads) {
+        std::copy(res_l, res_l + n, d_loc + b0);
+        std::copy(res_s, res_s + n, d_scale + b0);
+      }
+    }
+  });
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tn_rsample(
     const at::Tensor& loc, const at::Tensor& scale, const at::Tensor& low, const at::Tensor& high,
     const at::Tensor& exp_low, const at::Tensor& exp_high, const at::Tensor& u, bool log_space,
@@ -153,6 +270,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tn_rsample(
     d_loc = at::empty_like(u);
     d_scale = at::empty_like(u);
   }
+#ifdef PYRO_SBP_SIMD
+  if (u.scalar_type() == at::kFloat) {
+    const std::vector<at::Tensor> ps = {loc, scale, low, high, exp_low, exp_high};
+    const float* src[6];
+    for (int q = 0; q < 6; ++q) src[q] = ps[q].data_ptr<float>();
+    float* lp = need_grad ? d_loc.data_ptr<float>() : nullptr;
+    float* sp = need_grad ? d_scale.data_ptr<float>() : nullptr;
+    if (layout.num_units == u.numel()) {
+      // One sample per unit: the parameters read through their strides, unit by unit.
+      sample_kernel_simd(
+          [&](int64_t b0, int n, float (*p)[simd::kBlock]) {
+            Walker<6> w(layout.unit_shape, layout.strides, b0);
+            for (int k = 0; k < n; ++k) {
+              for (int q = 0; q < 6; ++q) p[q][k] = src[q][w.off[q]];
+              w.next();
+            }
+          },
+          u.data_ptr<float>(), out.data_ptr<float>(), lp, sp, u.numel(), log_space);
+    } else {
+      const auto params = layout.gather<float>(ps);
+      const int64_t units = layout.num_units;
+      sample_kernel_simd(
+          [&](int64_t b0, int n, float (*p)[simd::kBlock]) {
+            int64_t j = b0 % units;
+            for (int k = 0; k < n; ++k) {
+              for (int q = 0; q < 6; ++q) p[q][k] = params[q][j];
+              if (++j == units) j = 0;
+            }
+          },
+          u.data_ptr<float>(), out.data_ptr<float>(), lp, sp, u.numel(), log_space);
+    }
+    if (!need_grad) {
+      d_loc = at::empty({0}, u.options());
+      d_scale = d_loc;
+    }
+    return {out, d_loc, d_scale};
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "tn_rsample", [&] {
     if (layout.num_units == u.numel()) {
       // One sample per unit (independent gates): each unit's constants are used once, so they

@@ -117,7 +117,8 @@ inline V gap_series_from1(V y2) {
   return horner(y2, c);
 }
 
-inline GapV tail_gap(V y) {
+// With gaps false, only E and its residual.
+inline GapV tail_gap(V y, bool gaps = true) {
   // E from y / sqrt 2 formed in double: its float rounding alone would move d by y eps.
   const V x = y * V(C::sqrt1_2);
   GapV g;
@@ -132,6 +133,7 @@ inline GapV tail_gap(V y) {
   const M far = x > V(1e6f);
   g.e = select(far, V(0.56418958354775628695f) / x, near);
   g.e_res = select(far, V(0.0f), narrow(e[0] - nlo, e[1] - nhi));
+  if (!gaps) return g;
   const D c = Consts<double>::sqrt_2_over_pi;
   const D rlo = c / e[0], rhi = c / e[1];
   const D dlo = rlo - ylo, dhi = rhi - yhi;
@@ -152,15 +154,16 @@ struct TailZV {
   GapV a, b;
 };
 
-inline TailZV tail_log_zhat(V al, V be, V width) {
+// With gaps false, log Zhat only (t.q_eb and the gaps of t.a and t.b are not set).
+inline TailZV tail_log_zhat(V al, V be, V width, bool gaps = true) {
   TailZV t;
-  t.a = tail_gap(al);
-  t.b = tail_gap(be);
+  t.a = tail_gap(al, gaps);
+  t.b = tail_gap(be, gaps);
   t.w = V(0.5f) * width * (be + al);
   // E_alpha - E_beta from the unrounded erfcx values: exact where they are close, instead of
   // their float roundings' difference, which a narrow interval amplifies.
   t.d = ((t.a.e - t.b.e) + (t.a.e_res - t.b.e_res)) - t.b.e * expm1(-t.w);
-  t.q_eb = exp(-t.w) * t.b.e;
+  if (gaps) t.q_eb = exp(-t.w) * t.b.e;
   t.log_zhat = log(V(0.5f) * t.d);
   return t;
 }
@@ -237,7 +240,7 @@ struct CanonBlock {
 inline void closed_log_zhat(CanonBlock& c, float* out) {
   for_lanes(c.tail, [&](int j, __m256i ix) {
     scatter(out, c.tail, j,
-            tail_log_zhat(gather(c.al, ix), gather(c.be, ix), gather(c.wd, ix)).log_zhat);
+            tail_log_zhat(gather(c.al, ix), gather(c.be, ix), gather(c.wd, ix), false).log_zhat);
   });
   for_lanes(c.straddle, [&](int j, __m256i ix) {
     scatter(out, c.straddle, j, log(straddle_z(gather(c.al, ix), gather(c.be, ix))));

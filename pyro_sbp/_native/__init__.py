@@ -5,8 +5,18 @@ interval, in a tail of it, nearly flat over it). Written with PyTorch's element-
 every branch is an operator call over the whole tensor, so an SVI step of a gated network makes
 thousands of calls, each cheap, that dominate its cost. The kernels here do the same arithmetic
 (:mod:`pyro_sbp.distributions._standard`'s formulas, branch points and clamps, in the tensors' own
-dtype) one element at a time, with an ``if`` per unit: one operator call for a sampler's forward
-pass, its derivatives included, and one for its backward pass.
+dtype) in one operator call for a sampler's forward pass, its derivatives included, one for its
+backward pass, one for the KL and its derivatives, one for the moments.
+
+In float64 (and on CPUs without AVX2 and FMA) they go element by element, with an ``if`` per
+unit (``common.h``). In float32 on x86-64 CPUs with AVX2 and FMA they go eight lanes at a time
+(``simd.h``, ``simd_common.h``): each block of 256 elements is sorted into lists of the elements
+that take each formula, and each list runs its formula on whole vectors, so that no lane computes
+a branch it does not take. Their special functions are PyTorch's SLEEF (exp, log, expm1) and this
+library's erf, erfc, erfcx and ndtri (accuracy in ``simd.h``); erfcx, and the Mills-ratio gaps of
+the tail formulas, which lose ``alpha^2`` to cancellation, are formed in double, so that the
+float32 kernels are at least as accurate as the PyTorch path (``tests/distributions``).
+``torch.ops.pyro_sbp.float_lanes()`` says which build runs (8 or 1).
 
 They are compiled with :func:`torch.utils.cpp_extension.load` the first time they are needed
 (about a minute; the library is cached in ``TORCH_EXTENSIONS_DIR``, by default

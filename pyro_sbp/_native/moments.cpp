@@ -109,7 +109,8 @@ void moments_kernel_simd(const Broadcast& bc, const float* loc, const float* sca
         }
         cb.set(alpha, beta, width, n, false);
         for_lanes(cb.tail, [&](int j, __m256i ix) {
-          const StatsV st = tail_stats(gather(cb.al, ix), gather(cb.be, ix), gather(cb.wd, ix), true);
+          const V al = gather(cb.al, ix), be = gather(cb.be, ix), wd = gather(cb.wd, ix);
+          const StatsV st = tail_stats(al, be, wd, true);
           scatter(lz1, cb.tail, j, st.log_zhat);
           scatter(tvar, cb.tail, j, st.var);
         });
@@ -120,7 +121,8 @@ void moments_kernel_simd(const Broadcast& bc, const float* loc, const float* sca
         });
         for (int i = 0; i < n; i += kLanes) {
           const int valid = n - i >= kLanes ? 0xff : (1 << (n - i)) - 1;
-          int fl = bits(is_flat(V::load(cb.al + i), V::load(cb.be + i), V::load(cb.wd + i))) & valid;
+          const M flat = is_flat(V::load(cb.al + i), V::load(cb.be + i), V::load(cb.wd + i));
+          int fl = bits(flat) & valid;
           while (fl != 0) {
             const int k = i + __builtin_ctz(fl);
             fl &= fl - 1;

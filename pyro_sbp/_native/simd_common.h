@@ -95,9 +95,10 @@ inline M is_flat(V al, V be, V width) {
   return (V(0.5f) * abs(al + be) * h + V(0.5f) * h * h) < V(0.05f);
 }
 
-// The Mills-ratio quantities at a canonical tail bound y > 0: E = erfcx(y / sqrt 2) (with its
-// residual, simd.h), r = sqrt(2/pi) / E, the gap d = r - y and its complement u = 1 - y d, as
-// gap_from_erfcx and mills_gap_complement (their asymptotic series from their thresholds on).
+// The Mills-ratio quantities at a canonical tail bound y > 0: E = erfcx(y / sqrt 2) (rounded to
+// float, and the rest of its double value, e_res), r = sqrt(2/pi) / E, the gap d = r - y and
+// its complement u = 1 - y d, as gap_from_erfcx and mills_gap_complement (their asymptotic
+// series from their thresholds on).
 // d and u are formed in double from the unrounded E: they lose y^2 and y^2 again to
 // cancellation, so that float roundings of E (half an ulp, in whichever direction) would be
 // amplified y^4-fold into the tail statistics (the truncated variance above all).

@@ -22,7 +22,11 @@ a fused native kernel.
 The gate parameters are those of a network in training: ``loc`` spread over [-25, 2] (most gates
 inside [-20, 0], some past either bound) and ``log scale`` over [-6, 0].
 
-    python benchmarks/distributions.py [--n 1000000] [--repeats 30]
+``float_lanes`` says which build of the native kernels ran (8: the AVX2 vector kernels, 1: the
+scalar ones), ``native`` whether they ran at all (``PYRO_SBP_NATIVE=0`` times the PyTorch path;
+``--out`` writes its figures elsewhere).
+
+    python benchmarks/distributions.py [--n 1000000] [--repeats 30] [--out FILE]
 """
 
 import argparse
@@ -37,6 +41,7 @@ import textbook_formulas as tb
 import torch
 from torch.distributions import LogNormal, Normal, kl_divergence
 
+from pyro_sbp import _native
 from pyro_sbp.distributions import TruncatedLogNormal, TruncatedLogUniform
 
 RESULTS = Path(__file__).parent / "results" / "distributions.json"
@@ -99,6 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -151,11 +157,14 @@ def main() -> None:
         "textbook_ratio": med_floor / med_torch,
         "textbook_wrong_fraction": wrong,
         "target": 8.0,
+        "native": _native.enabled(),
+        "float_lanes": _native.ops().float_lanes() if _native.enabled() else None,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

@@ -121,18 +121,8 @@ void kl_kernel_simd(const Broadcast& bc, const float* loc, const float* scale, c
     CanonBlock cb;
     for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
       const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b0));
-      for (int k = 0; k < n; ++k) {
-        for (int q = 0; q < 6; ++q) p[q][k] = src[q][w.off[q]];
-        w.next();
-      }
-      for (int q = 0; q < 6; ++q) pad(p[q], n);
-      for (int i = 0; i < n; i += kLanes) {
-        const V m = V::load(p[0] + i), s = V::load(p[1] + i);
-        const V lo = V::load(p[2] + i), hi = V::load(p[3] + i);
-        ((lo - m) / s).store(alpha + i);
-        ((hi - m) / s).store(beta + i);
-        ((hi - lo) / s).store(width + i);
-      }
+      load_block(w, src, n, p);
+      standardise(p, n, 0, alpha, beta, width);
       cb.set(alpha, beta, width, n, true);
       for_lanes(cb.tail, [&](int j, __m256i ix) {
         const V al = gather(cb.al, ix), be = gather(cb.be, ix), wd = gather(cb.wd, ix);

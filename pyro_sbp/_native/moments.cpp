@@ -82,26 +82,10 @@ void moments_kernel_simd(const Broadcast& bc, const float* loc, const float* sca
     CanonBlock cb;
     for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
       const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b0));
-      for (int k = 0; k < n; ++k) {
-        for (int q = 0; q < 4; ++q) p[q][k] = src[q][w.off[q]];
-        w.next();
-      }
-      for (int q = 0; q < 4; ++q) pad(p[q], n);
+      load_block(w, src, n, p);
       // The standardised bounds of the normal (shift 0), then of its tilts (shifts 1 and 2).
       for (int tilt = 0; tilt < 3; ++tilt) {
-        for (int i = 0; i < n; i += kLanes) {
-          const V mu = V::load(p[0] + i), sigma = V::load(p[1] + i);
-          const V lo = V::load(p[2] + i), hi = V::load(p[3] + i);
-          V a = (lo - mu) / sigma, b = (hi - mu) / sigma;
-          if (tilt > 0) {
-            const V shift = tilt == 1 ? sigma : V(2.0f) * sigma;
-            a = a - shift;
-            b = b - shift;
-          }
-          a.store(alpha + i);
-          b.store(beta + i);
-          ((hi - lo) / sigma).store(width + i);
-        }
+        standardise(p, n, tilt, alpha, beta, width);
         if (tilt != 1) {
           cb.set(alpha, beta, width, n, false);
           closed_log_zhat(cb, tilt == 0 ? lz0 : lz2);

@@ -168,14 +168,8 @@ void sample_kernel_simd(Load&& load, const float* u_in, float* out, float* d_loc
       std::copy(u_in + b0, u_in + b0 + n, uu);
       for (int q = 0; q < 6; ++q) pad(p[q], n);
       pad(uu, n);
-      for (int i = 0; i < n; i += kLanes) {
-        const V m = V::load(p[0] + i), sc = V::load(p[1] + i);
-        const V lo = V::load(p[2] + i), hi = V::load(p[3] + i);
-        ((lo - m) / sc).store(alpha + i);
-        ((hi - m) / sc).store(beta + i);
-        ((hi - lo) / sc).store(width + i);
-        min(max(V::load(uu + i), u_min), u_max).store(uu + i);
-      }
+      standardise(p, n, 0, alpha, beta, width);
+      for (int i = 0; i < n; i += kLanes) min(max(V::load(uu + i), u_min), u_max).store(uu + i);
       cb.set(alpha, beta, width, n, false);
       for_lanes(cb.straddle, [&](int j, __m256i ix) {
         const V al = gather(cb.al, ix), be = gather(cb.be, ix);

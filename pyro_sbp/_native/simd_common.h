@@ -254,6 +254,36 @@ inline void pad(float* a, int n) {
   for (int k = n; k < end; ++k) a[k] = a[0];
 }
 
+// Reads the next n elements of N strided parameters (at w's positions) into block arrays p[q],
+// padded.
+template <int N>
+inline void load_block(Walker<N>& w, const float* const* src, int n, float (*p)[kBlock]) {
+  for (int k = 0; k < n; ++k) {
+    for (int q = 0; q < N; ++q) p[q][k] = src[q][w.off[q]];
+    w.next();
+  }
+  for (int q = 0; q < N; ++q) pad(p[q], n);
+}
+
+// The standardised bounds of a block from p[0..3] = (loc, scale, low, high): alpha and beta of
+// the normal tilted by e^(tilt x) (shifted by tilt scale), and the width.
+inline void standardise(float (*p)[kBlock], int n, int tilt, float* alpha, float* beta,
+                        float* width) {
+  for (int i = 0; i < n; i += kLanes) {
+    const V m = V::load(p[0] + i), s = V::load(p[1] + i);
+    const V lo = V::load(p[2] + i), hi = V::load(p[3] + i);
+    V a = (lo - m) / s, b = (hi - m) / s;
+    if (tilt > 0) {
+      const V shift = V(static_cast<float>(tilt)) * s;  // exact: 1 s and 2 s
+      a = a - shift;
+      b = b - shift;
+    }
+    a.store(alpha + i);
+    b.store(beta + i);
+    ((hi - lo) / s).store(width + i);
+  }
+}
+
 }  // namespace simd
 }  // namespace pyro_sbp
 

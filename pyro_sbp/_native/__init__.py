@@ -16,7 +16,8 @@ a branch it does not take. Their special functions are PyTorch's SLEEF (exp, log
 library's erf, erfc, erfcx and ndtri (accuracy in ``simd.h``); erfcx, and the Mills-ratio gaps of
 the tail formulas, which lose ``alpha^2`` to cancellation, are formed in double, so that the
 float32 kernels are at least as accurate as the PyTorch path (``tests/distributions``).
-``torch.ops.pyro_sbp.float_lanes()`` says which build runs (8 or 1).
+``torch.ops.pyro_sbp.float_lanes()`` says which build runs (8 or 1); ``PYRO_SBP_SIMD=0`` builds
+the scalar one.
 
 They are compiled with :func:`torch.utils.cpp_extension.load` the first time they are needed
 (about a minute; the library is cached in ``TORCH_EXTENSIONS_DIR``, by default
@@ -47,9 +48,12 @@ _FLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
 def _simd_flags() -> list[str]:
     # The float32 kernels' eight-lane versions (simd.h) where the CPU runs AVX2 and FMA, as
     # PyTorch's own vectorised kernels do; no fused multiply-adds in the scalar code, so that it
-    # rounds as the PyTorch path does.
+    # rounds as the PyTorch path does. PYRO_SBP_SIMD=0 builds (and caches, under another name)
+    # the scalar kernels only, as a CPU without AVX2 runs them.
     import platform
 
+    if os.environ.get("PYRO_SBP_SIMD", "1") == "0":
+        return []
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return []
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):

@@ -8,6 +8,7 @@ float32 kernels are the vector ones where this file's tests run)."""
 
 import math
 import platform
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,3 +139,30 @@ def test_every_branch_is_taken(ops):
             assert flat.any()
         else:
             assert (al <= 0).any()
+
+
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64")
+    or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="the scalar build is the only one here, tested by the other files",
+)
+def test_the_scalar_build_passes_the_float32_accuracy_tests():
+    # A CPU without AVX2 runs the scalar kernels in float32: build them (PYRO_SBP_SIMD=0, cached
+    # under their own name) and run the float32 accuracy tests of both kernel files on them.
+    import os
+    import subprocess
+    import sys
+
+    here = Path(__file__).parent
+    env = dict(os.environ, PYRO_SBP_SIMD="0")
+    code = (
+        "import sys, pytest, torch; from pyro_sbp import _native; "
+        "assert _native.load() and _native.ops().float_lanes() == 1; "
+        "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', "
+        f"'{here / 'test_native_kl.py'}', '{here / 'test_native_sample.py'}', "
+        "'-k', 'float32 or dtype0']))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -100,8 +100,9 @@ inline D horner(D x, const double (&c)[N]) {
 
 // erfcx(x) = exp(x^2) erfc(x) for x >= 0 (nan stays nan; the kernels call it on x >= 0 only),
 // evaluated in double and rounded once: the tail formulas subtract nearly equal terms built on it
-// (the Mills-ratio gap sqrt(2/pi)/erfcx - x loses x^2), so it must be as accurate as the scalar
-// path's (within half an ulp, as calc_erfcx). (1 + 2x) erfcx(x) - 1 is a smooth function of
+// (the Mills-ratio gap sqrt(2/pi)/erfcx - x loses x^2), so it must be at least as accurate as
+// the scalar path's; rounded once from double it is within half an ulp (and the tail formulas
+// use the double value itself, simd_common.h). (1 + 2x) erfcx(x) - 1 is a smooth function of
 // q = (x - 2)/(x + 2) on [-1, 1] (the substitution of Schonfelder's Chebyshev expansions); a
 // degree-15 polynomial in q, fitted by least squares on Chebyshev nodes against scipy's erfcx,
 // has relative error 5e-11 on [0, 1e6]. From 1e6 on, 1/(x sqrt pi) (error below 1e-12).
@@ -229,7 +230,8 @@ inline D ndtri_lower(D p) {
   return _mm256_blendv_pd(central.v, lower.v, tail);
 }
 
-// ndtri(p) for 0 < p <= 0.5, in float lanes (the kernels clamp p into [tiny, 0.5]).
+// ndtri(p) for 0 < p <= 0.5 in float lanes (the kernels' p: the smaller of a mass and its
+// complement, or a tail mass, at least the smallest normal float).
 inline V ndtri_lower(V p) {
   D lo, hi;
   widen(p, lo, hi);

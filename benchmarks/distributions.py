@@ -22,9 +22,10 @@ a fused native kernel.
 The gate parameters are those of a network in training: ``loc`` spread over [-25, 2] (most gates
 inside [-20, 0], some past either bound) and ``log scale`` over [-6, 0].
 
-``float_lanes`` says which build of the native kernels ran (8: the AVX2 vector kernels, 1: the
-scalar ones), ``native`` whether they ran at all (``PYRO_SBP_NATIVE=0`` times the PyTorch path;
-``--out`` writes its figures elsewhere).
+``ours_parts_median_s`` times ours's three parts one by one. ``float_lanes`` says which build of
+the native kernels ran (8: the AVX2 vector kernels, 1: the scalar ones; ``PYRO_SBP_SIMD=0``
+builds the scalar ones), ``native`` whether they ran at all (``PYRO_SBP_NATIVE=0`` times the
+PyTorch path; ``--out`` writes the figures elsewhere).
 
     python benchmarks/distributions.py [--n 1000000] [--repeats 30] [--out FILE]
 """
@@ -78,6 +79,20 @@ def ours_training(loc, scale, low, high, prior):
     return d.rsample(), kl_divergence(d, prior)
 
 
+def ours_parts(loc, scale, low, high, prior) -> dict[str, float]:
+    """Seconds of each of ``ours``'s three parts, timed one after the other on one fresh
+    distribution: the sample, the KL, and the mean and variance (one call on the CPU)."""
+    d = TruncatedLogNormal(loc, scale, low, high, validate_args=False)
+    t0 = time.perf_counter()
+    d.rsample()
+    t1 = time.perf_counter()
+    kl_divergence(d, prior)
+    t2 = time.perf_counter()
+    _ = d.mean, d.variance
+    t3 = time.perf_counter()
+    return {"rsample": t1 - t0, "kl": t2 - t1, "mean_variance": t3 - t2}
+
+
 def torchs(loc, scale, q):
     d = LogNormal(loc, scale, validate_args=False)
     theta = d.rsample()
@@ -124,7 +139,7 @@ def main() -> None:
         ours(loc, scale, low, high, prior)
         torchs(loc, scale, q)
         floor()
-    t_ours, t_train, t_torch, t_floor = [], [], [], []
+    t_ours, t_train, t_torch, t_floor, t_parts = [], [], [], [], []
     with torch.no_grad():
         for _ in range(args.repeats):
             t0 = time.perf_counter()
@@ -136,6 +151,7 @@ def main() -> None:
             t3 = time.perf_counter()
             floor()
             t4 = time.perf_counter()
+            t_parts.append(ours_parts(loc, scale, low, high, prior))
             t_ours.append(t1 - t0)
             t_torch.append(t2 - t1)
             t_train.append(t3 - t2)
@@ -153,6 +169,7 @@ def main() -> None:
         "ratio": med_ours / med_torch,
         "ours_training_median_s": med_train,
         "training_ratio": med_train / med_torch,
+        "ours_parts_median_s": {k: statistics.median(p[k] for p in t_parts) for k in t_parts[0]},
         "textbook_median_s": med_floor,
         "textbook_ratio": med_floor / med_torch,
         "textbook_wrong_fraction": wrong,

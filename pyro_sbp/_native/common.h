@@ -187,11 +187,17 @@ inline T straddle_z(T al, T be) {
   return T(0.5) * (std::erf(be * Consts<T>::sqrt1_2) - std::erf(nonpositive(al) * Consts<T>::sqrt1_2));
 }
 
+// _NEAR_UNIFORM.
+template <typename T>
+inline T near_uniform() {
+  return is_double<T>() ? T(0.05) : T(1.0);
+}
+
 // _is_flat.
 template <typename T>
 inline bool is_flat(T al, T be, T width) {
   const T h = T(0.5) * width;
-  return (T(0.5) * std::abs(al + be) * h + T(0.5) * h * h) < T(0.05);
+  return (T(0.5) * std::abs(al + be) * h + T(0.5) * h * h) < near_uniform<T>();
 }
 
 }  // namespace pyro_sbp

@@ -2,8 +2,9 @@
 //
 // The element-wise counterpart of pyro_sbp/distributions/truncated_log_normal.py: from the
 // parameters of the truncated normal of log(theta) (loc, scale, log low, log high), the shifts of
-// _shift, the closed-form log Zhat of the normal and of its tilts by e^x and e^2x (_log_mean,
-// _kappa), the tilted variance of _standard.moments (flat case included) where kappa is small;
+// _shift (with the moves m_t of the point nearest zero), the closed-form log Zhat of the normal
+// and of its tilts by e^x and e^2x (_log_mean, _kappa), the tilted variance of
+// _standard.moments (flat case included) where kappa is small;
 // mean = min(exp(K(1)), high), variance = exp(2 K(1)) expm1(kappa).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -36,10 +37,13 @@ void moments_kernel(const Broadcast& bc, const T* loc, const T* scale, const T* 
       const T width = (hi - lo) / sigma;
       // _shift.
       const T s0 = nearest_to_zero(alpha, beta);
-      const T ts2 = T(2) * sigma;
-      const T m1 = std::min(std::max(sigma, alpha), beta) - s0;
+      const T k1 = std::min(std::max(sigma, alpha), beta);
+      const T k2 = std::min(std::max(T(2) * sigma, alpha), beta);
+      const T m1 = k1 - s0;
+      const T m21 = k2 - k1;
+      const T m2 = m1 + m21;
       const T d1 = sigma - m1;
-      const T d2 = ts2 - (std::min(std::max(ts2, alpha), beta) - s0);
+      const T ts2 = T(2) * sigma;
       // log Zhat of the normal and of its tilts (log_zhat's closed forms; the tilt by e^x's
       // from its statistics, which hold it).
       const T lz0 = closed_log_zhat(canonical(alpha, beta, width));
@@ -50,7 +54,7 @@ void moments_kernel(const Broadcast& bc, const T* loc, const T* scale, const T* 
       // _log_mean.
       const T log_mean = mu + d1 * s0 + T(0.5) * m1 * (sigma + d1) + lz1 - lz0;
       // _kappa.
-      T exact = (d2 - T(2) * d1) * s0 + sigma * sigma - T(0.5) * (d2 * d2) + d1 * d1;
+      T exact = (m1 - m21) * s0 + T(2) * sigma * m21 - T(0.5) * (m2 * m2) + m1 * m1;
       exact = exact + (lz2 - lz1) - (lz1 - lz0);
       const T tilted_var = is_flat(c1.al, c1.be, c1.wd) ? flat_variance(c1.al, c1.wd) : st1.var;
       const T small = sigma * sigma * tilted_var;
@@ -119,13 +123,14 @@ void moments_kernel_simd(const Broadcast& bc, const float* loc, const float* sca
         const V lo = V::load(p[2] + i), hi = V::load(p[3] + i);
         const V a = (lo - mu) / sigma, b = (hi - mu) / sigma;
         const V s0 = select(a < V(0.0f), V(0.0f), a) + select(b > V(0.0f), V(0.0f), b);
-        const V ts2 = V(2.0f) * sigma;
-        const V m1 = min(max(sigma, a), b) - s0;
+        const V k1 = min(max(sigma, a), b);
+        const V k2 = min(max(V(2.0f) * sigma, a), b);
+        const V m1 = k1 - s0, m21 = k2 - k1;
+        const V m2 = m1 + m21;
         const V d1 = sigma - m1;
-        const V d2 = ts2 - (min(max(ts2, a), b) - s0);
         const V l0 = V::load(lz0 + i), l1 = V::load(lz1 + i), l2 = V::load(lz2 + i);
         const V log_mean = mu + d1 * s0 + V(0.5f) * m1 * (sigma + d1) + l1 - l0;
-        V exact = (d2 - V(2.0f) * d1) * s0 + sigma * sigma - V(0.5f) * (d2 * d2) + d1 * d1;
+        V exact = (m1 - m21) * s0 + V(2.0f) * sigma * m21 - V(0.5f) * (m2 * m2) + m1 * m1;
         exact = exact + (l2 - l1) - (l1 - l0);
         const V small = sigma * sigma * V::load(tvar + i);
         const V kappa = clamp_min0(select(small < switch_at, small, exact));

@@ -92,7 +92,7 @@ inline CanonV canonical(V alpha, V beta, V width) {
 
 inline M is_flat(V al, V be, V width) {
   const V h = V(0.5f) * width;
-  return (V(0.5f) * abs(al + be) * h + V(0.5f) * h * h) < V(0.05f);
+  return (V(0.5f) * abs(al + be) * h + V(0.5f) * h * h) < V(near_uniform<float>());
 }
 
 // The Mills-ratio quantities at a canonical tail bound y > 0: E = erfcx(y / sqrt 2) (rounded to

@@ -191,14 +191,16 @@ class TruncatedLogNormal(LazyExpand, TorchDistribution):
     def _shift(self):
         # (alpha - t sigma, beta - t sigma) are the standardised bounds of the normal tilted by
         # exp(t x); delta_t = s_0 - s_t in [0, t sigma] is formed without cancellation, and so
-        # is t sigma - delta_1 = moved_1 (the shift of the nearest point to zero), which
-        # sigma - delta_1 would lose to the rounding of delta_1 where sigma is large.
+        # is t sigma - delta_t = moved_t (how far the point nearest zero moves), which
+        # t sigma - delta_t would lose to the rounding of delta_t where sigma is large. Returns
+        # (s_0, delta_1, delta_2, moved_1, moved_2 - moved_1).
         base = self.base_dist
         alpha, beta, sigma = base._alpha, base._beta, base._cscale
         s0 = _standard.nearest_to_zero(alpha, beta)
-        m1 = torch.minimum(torch.maximum(sigma, alpha), beta) - s0
-        m2 = torch.minimum(torch.maximum(2.0 * sigma, alpha), beta) - s0
-        return s0, sigma - m1, 2.0 * sigma - m2, m1
+        c1 = torch.minimum(torch.maximum(sigma, alpha), beta)
+        c2 = torch.minimum(torch.maximum(2.0 * sigma, alpha), beta)
+        m1, m2 = c1 - s0, c2 - s0
+        return s0, sigma - m1, 2.0 * sigma - m2, m1, c2 - c1
 
     @lazy_property
     def _tilted(self):
@@ -217,7 +219,7 @@ class TruncatedLogNormal(LazyExpand, TorchDistribution):
     @lazy_property
     def _log_mean(self):
         # K(1) = mu + sigma^2/2 + log Z_1 - log Z_0, with the quadratic parts cancelled.
-        s0, d1, _, m1 = self._shift
+        s0, d1, _, m1, _ = self._shift
         sigma = self.base_dist._cscale
         return (
             self.base_dist._cloc
@@ -230,14 +232,17 @@ class TruncatedLogNormal(LazyExpand, TorchDistribution):
     @lazy_property
     def _kappa(self):
         base = self.base_dist
-        s0, d1, d2, _ = self._shift
+        s0, _, _, m1, m21 = self._shift
         sigma = base._cscale
         _, lz2 = _standard.log_zhat(
             base._alpha - 2.0 * sigma, base._beta - 2.0 * sigma, base._width
         )
         lz1 = self._tilted_log_zhat
         lz0 = base._log_zhat
-        exact = (d2 - 2.0 * d1) * s0 + sigma.square() - 0.5 * d2.square() + d1.square()
+        # (d2 - 2 d1) s0 + sigma^2 - d2^2 / 2 + d1^2 in the moves m_t = t sigma - d_t, with no
+        # sigma^2 to cancel (it cancels to 2% in float32 at sigma = 400):
+        m2 = m1 + m21
+        exact = (m1 - m21) * s0 + 2.0 * sigma * m21 - 0.5 * m2.square() + m1.square()
         exact = exact + (lz2 - lz1) - (lz1 - lz0)
         # K''(1) approximates the second difference with relative error K''''(1) / (12 K''(1)),
         # at most about kappa / 2, while the difference loses about eps / kappa to rounding; the

@@ -191,9 +191,9 @@ class TruncatedLogNormal(LazyExpand, TorchDistribution):
     def _shift(self):
         # (alpha - t sigma, beta - t sigma) are the standardised bounds of the normal tilted by
         # exp(t x); delta_t = s_0 - s_t in [0, t sigma] is formed without cancellation, and so
-        # is t sigma - delta_t = moved_t (how far the point nearest zero moves), which
-        # t sigma - delta_t would lose to the rounding of delta_t where sigma is large. Returns
-        # (s_0, delta_1, delta_2, moved_1, moved_2 - moved_1).
+        # is moved_t = t sigma - delta_t, how far the point nearest zero moves (formed as
+        # t sigma - delta_t it would carry the rounding of delta_t, large where sigma is).
+        # Returns (s_0, delta_1, delta_2, moved_1, moved_2 - moved_1).
         base = self.base_dist
         alpha, beta, sigma = base._alpha, base._beta, base._cscale
         s0 = _standard.nearest_to_zero(alpha, beta)

@@ -123,7 +123,7 @@ void kl_kernel_simd(const Broadcast& bc, const float* loc, const float* scale, c
       const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b0));
       load_block(w, src, n, p);
       standardise(p, n, 0, alpha, beta, width);
-      cb.set(alpha, beta, width, n, true);
+      cb.set(alpha, beta, width, n, Flat::kSplit);
       for_lanes(cb.tail, [&](int j, __m256i ix) {
         const V al = gather(cb.al, ix), be = gather(cb.be, ix), wd = gather(cb.wd, ix);
         const TailZV t = tail_log_zhat(al, be, wd);

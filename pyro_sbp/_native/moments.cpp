@@ -79,7 +79,7 @@ void moments_kernel_simd(const Broadcast& bc, const float* loc, const float* sca
   at::parallel_for(0, bc.numel, 2048, [&](int64_t begin, int64_t end) {
     Walker<4> w(bc.shape, bc.strides, begin);
     alignas(32) float p[4][kBlock];
-    alignas(32) float alpha[kBlock], beta[kBlock], width[kBlock];
+    alignas(32) float alpha0[kBlock], beta0[kBlock], alpha[kBlock], beta[kBlock], width[kBlock];
     alignas(32) float lz0[kBlock], lz1[kBlock], lz2[kBlock], tvar[kBlock];
     alignas(32) float out_m[kBlock], out_v[kBlock];
     const float* src[4] = {loc, scale, low, high};
@@ -87,41 +87,36 @@ void moments_kernel_simd(const Broadcast& bc, const float* loc, const float* sca
     for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
       const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b0));
       load_block(w, src, n, p);
-      // The standardised bounds of the normal (shift 0), then of its tilts (shifts 1 and 2).
-      for (int tilt = 0; tilt < 3; ++tilt) {
-        standardise(p, n, tilt, alpha, beta, width);
-        if (tilt != 1) {
-          cb.set(alpha, beta, width, n, false);
-          closed_log_zhat(cb, tilt == 0 ? lz0 : lz2);
-          continue;
-        }
-        cb.set(alpha, beta, width, n, false);
-        for_lanes(cb.tail, [&](int j, __m256i ix) {
-          const V al = gather(cb.al, ix), be = gather(cb.be, ix), wd = gather(cb.wd, ix);
-          const StatsV st = tail_stats(al, be, wd, true);
-          scatter(lz1, cb.tail, j, st.log_zhat);
-          scatter(tvar, cb.tail, j, st.var);
-        });
-        for_lanes(cb.straddle, [&](int j, __m256i ix) {
-          const StatsV st = straddle_stats(gather(cb.al, ix), gather(cb.be, ix), true);
-          scatter(lz1, cb.straddle, j, st.log_zhat);
-          scatter(tvar, cb.straddle, j, st.var);
-        });
-        for (int i = 0; i < n; i += kLanes) {
-          const int valid = n - i >= kLanes ? 0xff : (1 << (n - i)) - 1;
-          const M flat = is_flat(V::load(cb.al + i), V::load(cb.be + i), V::load(cb.wd + i));
-          int fl = bits(flat) & valid;
-          while (fl != 0) {
-            const int k = i + __builtin_ctz(fl);
-            fl &= fl - 1;
-            tvar[k] = flat_variance(cb.al[k], cb.wd[k]);
-          }
-        }
+      // The normal's standardised bounds (kept for the shifts below), then its tilts'.
+      standardise(p, n, 0, alpha0, beta0, width);
+      cb.set(alpha0, beta0, width, n, Flat::kIgnore);
+      closed_log_zhat(cb, lz0);
+      standardise(p, n, 2, alpha, beta, width);
+      cb.set(alpha, beta, width, n, Flat::kIgnore);
+      closed_log_zhat(cb, lz2);
+      // The tilt by e^x: log Zhat and the variance from its statistics, the nearly flat
+      // intervals' variance by flat_variance.
+      standardise(p, n, 1, alpha, beta, width);
+      cb.set(alpha, beta, width, n, Flat::kAlsoList);
+      for_lanes(cb.tail, [&](int j, __m256i ix) {
+        const V al = gather(cb.al, ix), be = gather(cb.be, ix), wd = gather(cb.wd, ix);
+        const StatsV st = tail_stats(al, be, wd, true);
+        scatter(lz1, cb.tail, j, st.log_zhat);
+        scatter(tvar, cb.tail, j, st.var);
+      });
+      for_lanes(cb.straddle, [&](int j, __m256i ix) {
+        const StatsV st = straddle_stats(gather(cb.al, ix), gather(cb.be, ix), true);
+        scatter(lz1, cb.straddle, j, st.log_zhat);
+        scatter(tvar, cb.straddle, j, st.var);
+      });
+      for (int j = 0; j < cb.flat.n; ++j) {
+        const int k = cb.flat.idx[j];
+        tvar[k] = flat_variance(cb.al[k], cb.wd[k]);
       }
       for (int i = 0; i < n; i += kLanes) {
         const V mu = V::load(p[0] + i), sigma = V::load(p[1] + i);
-        const V lo = V::load(p[2] + i), hi = V::load(p[3] + i);
-        const V a = (lo - mu) / sigma, b = (hi - mu) / sigma;
+        const V hi = V::load(p[3] + i);
+        const V a = V::load(alpha0 + i), b = V::load(beta0 + i);
         const V s0 = select(a < V(0.0f), V(0.0f), a) + select(b > V(0.0f), V(0.0f), b);
         const V k1 = min(max(sigma, a), b);
         const V k2 = min(max(V(2.0f) * sigma, a), b);

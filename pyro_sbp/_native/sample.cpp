@@ -148,7 +148,8 @@ void sample_kernel(const std::vector<Unit<T>>& units, const T* u_in, T* out, T* 
 // sample_kernel<float> for one block of samples at a time, eight lanes at a time: the
 // straddling, moderate-tail and far-tail samples run their formulas (sample_one's) on their own
 // lane lists, their derivatives too when d_loc is given. load(b0, n, p) writes the parameters
-// (loc, scale, low, high, exp_low, exp_high) of the samples b0 ... b0 + n - 1 into p[0..5].
+// (loc, scale, low, high, exp_low, exp_high) of the samples b0 ... b0 + n - 1 into p[0..5],
+// padded (pad).
 template <typename Load>
 void sample_kernel_simd(Load&& load, const float* u_in, float* out, float* d_loc,
                         float* d_scale, int64_t numel, bool log_space) {
@@ -166,11 +167,10 @@ void sample_kernel_simd(Load&& load, const float* u_in, float* out, float* d_loc
       const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b0));
       load(b0, n, p);
       std::copy(u_in + b0, u_in + b0 + n, uu);
-      for (int q = 0; q < 6; ++q) pad(p[q], n);
       pad(uu, n);
       standardise(p, n, 0, alpha, beta, width);
       for (int i = 0; i < n; i += kLanes) min(max(V::load(uu + i), u_min), u_max).store(uu + i);
-      cb.set(alpha, beta, width, n, false);
+      cb.set(alpha, beta, width, n, Flat::kIgnore);
       for_lanes(cb.straddle, [&](int j, __m256i ix) {
         const V al = gather(cb.al, ix), be = gather(cb.be, ix);
         const V u = gather(uu, ix), ubar = V(1.0f) - u;
@@ -190,9 +190,8 @@ void sample_kernel_simd(Load&& load, const float* u_in, float* out, float* d_loc
       for_lanes(cb.tail, [&](int j, __m256i ix) {
         const V al = gather(cb.al, ix), be = gather(cb.be, ix), wd = gather(cb.wd, ix);
         const V u = gather(uu, ix), ubar = V(1.0f) - u;
-        const GapV ga = tail_gap(al, grads);
-        const V ea = ga.e;
-        const V eb = erfcx(be * V(C::sqrt1_2));
+        const GapV ga = tail_gap(al, grads), gb = tail_gap(be, grads);
+        const V ea = ga.e, eb = gb.e;
         const V w = V(0.5f) * wd * (be + al);
         const V rho = exp(-w) * eb / ea;
         const V mix = ubar + u * rho;
@@ -216,7 +215,6 @@ void sample_kernel_simd(Load&& load, const float* u_in, float* out, float* d_loc
         }
         scatter(off, cb.tail, j, x);
         if (!grads) return;
-        const GapV gb = tail_gap(be);
         const V z = max(x, V(0.0f));
         const GapV gy = tail_gap(al + z);
         const V wt = u * rho / mix;
@@ -276,10 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tn_rsample(
       sample_kernel_simd(
           [&](int64_t b0, int n, float (*p)[simd::kBlock]) {
             Walker<6> w(layout.unit_shape, layout.strides, b0);
-            for (int k = 0; k < n; ++k) {
-              for (int q = 0; q < 6; ++q) p[q][k] = src[q][w.off[q]];
-              w.next();
-            }
+            simd::load_block(w, src, n, p);
           },
           u.data_ptr<float>(), out.data_ptr<float>(), lp, sp, u.numel(), log_space);
     } else {
@@ -292,6 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tn_rsample(
               for (int q = 0; q < 6; ++q) p[q][k] = params[q][j];
               if (++j == units) j = 0;
             }
+            for (int q = 0; q < 6; ++q) simd::pad(p[q], n);
           },
           u.data_ptr<float>(), out.data_ptr<float>(), lp, sp, u.numel(), log_space);
     }

@@ -209,14 +209,18 @@ inline StatsV straddle_stats(V al, V be, bool need_var) {
   return s;
 }
 
+// What CanonBlock::set does with the nearly flat elements: nothing (they stay in the tail and
+// straddle lists), list them apart (leaving those lists), or list them and keep them there too.
+enum class Flat { kIgnore, kSplit, kAlsoList };
+
 // Canonical bounds of a block's elements, kept as arrays, with the lists of their tail and
-// straddling elements (and, optionally, of the nearly flat ones, which leave both lists).
+// straddling elements and, as asked (Flat), of the nearly flat ones.
 struct CanonBlock {
   alignas(32) float al[kBlock], be[kBlock], wd[kBlock], sign[kBlock];
   Lanes tail, straddle, flat;
 
   // From the standardised bounds of n elements (arrays padded to whole vectors).
-  void set(const float* alpha, const float* beta, const float* width, int n, bool split_flat) {
+  void set(const float* alpha, const float* beta, const float* width, int n, Flat mode) {
     tail.clear();
     straddle.clear();
     flat.clear();
@@ -227,11 +231,11 @@ struct CanonBlock {
       c.wd.store(wd + i);
       c.sign.store(sign + i);
       const int valid = n - i >= kLanes ? 0xff : (1 << (n - i)) - 1;
-      int fl = 0;
-      if (split_flat) fl = bits(is_flat(c.al, c.be, c.wd)) & valid;
-      const int tl = bits(c.tail) & valid & ~fl;
+      const int fl = mode == Flat::kIgnore ? 0 : bits(is_flat(c.al, c.be, c.wd)) & valid;
+      const int out = mode == Flat::kSplit ? fl : 0;
+      const int tl = bits(c.tail) & valid & ~out;
       tail.add(i, tl);
-      straddle.add(i, valid & ~tl & ~fl);
+      straddle.add(i, valid & ~tl & ~out);
       flat.add(i, fl);
     }
   }

@@ -193,14 +193,14 @@ class TruncatedLogNormal(LazyExpand, TorchDistribution):
         # exp(t x); delta_t = s_0 - s_t in [0, t sigma] is formed without cancellation, and so
         # is moved_t = t sigma - delta_t, how far the point nearest zero moves (formed as
         # t sigma - delta_t it would carry the rounding of delta_t, large where sigma is).
-        # Returns (s_0, delta_1, delta_2, moved_1, moved_2 - moved_1).
+        # Returns (s_0, delta_1, moved_1, moved_2 - moved_1).
         base = self.base_dist
         alpha, beta, sigma = base._alpha, base._beta, base._cscale
         s0 = _standard.nearest_to_zero(alpha, beta)
         c1 = torch.minimum(torch.maximum(sigma, alpha), beta)
         c2 = torch.minimum(torch.maximum(2.0 * sigma, alpha), beta)
-        m1, m2 = c1 - s0, c2 - s0
-        return s0, sigma - m1, 2.0 * sigma - m2, m1, c2 - c1
+        m1 = c1 - s0
+        return s0, sigma - m1, m1, c2 - c1
 
     @lazy_property
     def _tilted(self):
@@ -219,7 +219,7 @@ class TruncatedLogNormal(LazyExpand, TorchDistribution):
     @lazy_property
     def _log_mean(self):
         # K(1) = mu + sigma^2/2 + log Z_1 - log Z_0, with the quadratic parts cancelled.
-        s0, d1, _, m1, _ = self._shift
+        s0, d1, m1, _ = self._shift
         sigma = self.base_dist._cscale
         return (
             self.base_dist._cloc
@@ -232,7 +232,7 @@ class TruncatedLogNormal(LazyExpand, TorchDistribution):
     @lazy_property
     def _kappa(self):
         base = self.base_dist
-        s0, _, _, m1, m21 = self._shift
+        s0, _, m1, m21 = self._shift
         sigma = base._cscale
         _, lz2 = _standard.log_zhat(
             base._alpha - 2.0 * sigma, base._beta - 2.0 * sigma, base._width

@@ -89,15 +89,20 @@ def _moments(monkeypatch, path, loc, scale, low, high, dtype=None):
         return d.mean, d.variance
 
 
+def _tilted(loc, scale, bounds, shifts):
+    """The standardised bounds ``(alpha, beta)`` of the normal tilted by each of ``shifts`` (in
+    units of the scale), in float64, and the width."""
+    lo, hi = (b.double() for b in bounds)
+    m, s = loc.double(), scale.double()
+    return [((lo - m) / s - t * s, (hi - m) / s - t * s) for t in shifts], (hi - lo) / s
+
+
 def _cond(loc, scale, bounds, shifts):
     """``1 + alpha^2`` where the canonical interval (of the normal tilted by each of ``shifts``,
     in units of the scale) is a tail below the series threshold, else 1 (module docstring)."""
-    lo, hi = (b.double() for b in bounds)
-    m, s = loc.double(), scale.double()
     threshold = 1e3 if loc.dtype == torch.float64 else 30.0
-    cond = torch.ones_like(m)
-    for t in shifts:
-        a, b = (lo - m) / s - t * s, (hi - m) / s - t * s
+    cond = torch.ones_like(loc, dtype=torch.float64)
+    for a, b in _tilted(loc, scale, bounds, shifts)[0]:
         al = torch.where(a + b < 0, -b, a).clamp(0.0, threshold)
         cond = torch.maximum(cond, 1.0 + al * al)
     return cond
@@ -108,13 +113,10 @@ def _narrow(loc, scale, bounds, shifts):
     ``shifts``) lies in a tail, else 0: the float32 bounds are each rounded by ``eps |alpha|``,
     so that the difference ``E_alpha - E_beta`` of the tail formulas is known to ``eps`` times
     this, relative, whatever the formulas (module docstring)."""
-    lo, hi = (b.double() for b in bounds)
-    m, s = loc.double(), scale.double()
-    out = torch.zeros_like(m)
-    for t in shifts:
-        a, b = (lo - m) / s - t * s, (hi - m) / s - t * s
-        ratio = (a.abs() + b.abs()) / ((hi - lo) / s)
-        out = torch.maximum(out, torch.where(a * b > 0, ratio, 0.0))
+    tilted, width = _tilted(loc, scale, bounds, shifts)
+    out = torch.zeros_like(loc, dtype=torch.float64)
+    for a, b in tilted:
+        out = torch.maximum(out, torch.where(a * b > 0, (a.abs() + b.abs()) / width, 0.0))
     return out
 
 
